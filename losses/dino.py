@@ -1,0 +1,85 @@
+"""DINO loss: multi-crop soft cross-entropy against a centred, sharpened teacher (Caron et al. 2021).
+
+Reference: facebookresearch/dino @ 7c446df ``main_dino.py::DINOLoss``; spec ``shared/specs/scfs.md`` §2.4(a).
+
+Letters: T teacher (global) crops, S student crops (globals first, S >= T), B per-rank batch, K prototypes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from losses.common import fp32_island
+from runtime import dist
+
+
+def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """softmax((t - c) / temp) in fp32. (T, B, K), (K,) -> (T, B, K)."""
+    return F.softmax((teacher_logits.float() - center) / temp, dim=-1)
+
+
+def multicrop_cross_entropy(student_logits: torch.Tensor, t_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """Mean over (teacher crop t, student crop s != t) pairs of ``mean_b CE(P_t, log_softmax(s / tau_s))``.
+
+    Args:
+        student_logits: (S, B, K), crops ordered globals first so crop ``i < T`` is the same image as teacher crop ``i``.
+        t_probs: (T, B, K) teacher probabilities (no gradient).
+        student_temp: tau_s.
+    Returns:
+        scalar loss (fp32).
+    """
+    n_t, n_s = t_probs.shape[0], student_logits.shape[0]
+    log_q = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    # ce[t, s] = - mean_b sum_k P[t,b,k] log q[s,b,k]
+    ce = -torch.einsum("tbk,sbk->ts", t_probs, log_q) / t_probs.shape[1]
+    mask = torch.ones(n_t, n_s, dtype=torch.bool, device=ce.device)
+    mask[torch.arange(n_t), torch.arange(n_t)] = False  # a crop is never its own target
+    return ce[mask].sum() / mask.sum()
+
+
+class DINOLoss(nn.Module):
+    """Holds the center buffer; the center update is split into an async reduce and an apply.
+
+    Call order per step: ``loss = forward(...)`` -> ``reduce_center_update(teacher_logits)`` (starts the all-reduce,
+    overlapping backward) -> after the optimiser step ``apply_center_update()``.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(out_dim))
+        self._pending: tuple | None = None
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """student_logits (S, B, K), teacher_logits (T, B, K) -> scalar. Uses the center from before this step."""
+        if student_logits.shape[-1] != self.center.shape[0] or teacher_logits.shape[-1] != self.center.shape[0]:
+            raise ValueError(f"logit width must be {self.center.shape[0]}, got {tuple(student_logits.shape)}, "
+                             f"{tuple(teacher_logits.shape)}")
+        with fp32_island(student_logits.device.type):
+            probs = teacher_probs(teacher_logits.detach(), self.center, teacher_temp)
+            return multicrop_cross_entropy(student_logits, probs, self.student_temp)
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_logits: torch.Tensor) -> None:
+        """Start the cross-rank sum of the teacher logits' batch sum. teacher_logits (T, B, K)."""
+        flat = teacher_logits.detach().float().flatten(0, -2)
+        total = flat.sum(dim=0)
+        count = torch.tensor(float(flat.shape[0]), device=flat.device)
+        handle = dist.all_reduce_sum(total, async_op=True)
+        handle2 = dist.all_reduce_sum(count, async_op=True)
+        self._pending = (total, count, handle, handle2)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """c <- m c + (1 - m) * mean over all ranks and teacher crops of the teacher logits."""
+        if self._pending is None:
+            return
+        total, count, h1, h2 = self._pending
+        for h in (h1, h2):
+            if h is not None:
+                h.wait()
+        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+        self._pending = None

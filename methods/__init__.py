@@ -1,0 +1,22 @@
+"""METHODS registry: method name -> SSLMethod subclass. Add a method by importing its module here."""
+
+from __future__ import annotations
+
+from methods.base import SSLMethod, StepContext, StepOutput
+from runtime.registry import Registry
+
+METHODS: Registry[type[SSLMethod]] = Registry("method")
+
+
+def register_method(name: str):
+    return METHODS.register(name)
+
+
+def build_method(cfg) -> SSLMethod:
+    """Instantiate ``cfg.method`` with the resolved config."""
+    return METHODS.get_or_raise(cfg.method)(cfg)
+
+
+from methods import dino  # noqa: E402,F401  (registration side effect)
+
+__all__ = ["METHODS", "SSLMethod", "StepContext", "StepOutput", "build_method", "register_method"]

@@ -1,0 +1,97 @@
+"""DINO (Caron et al. 2021): self-distillation with a centred, sharpened EMA teacher over multi-crop views.
+
+Reference: facebookresearch/dino @ 7c446df; spec ``shared/specs/scfs.md`` §2 (the DINO part SCFS builds on).
+Student sees every crop; the teacher (EMA, BN in batch-statistics mode) sees the global crops only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from losses.dino import DINOLoss
+from methods import register_method
+from methods.base import SSLMethod, StepContext, StepOutput
+from models.backbone import build_backbone, feature_dim
+from models.ema import make_teacher
+from models.heads import DINOHead
+from models.ssl_net import BackboneWithHead
+from optim.schedules import ema_momentum, teacher_temperature
+from runtime.config_loader import ConfigError
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 65536  # prototypes K; 65536 for ImageNet, a few thousand is plenty for small data
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True  # fixed weight-norm gain: more stable, recommended for ResNet-50 and ViT-S
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # final teacher temperature (0.04-0.07; lower = sharper targets)
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 50  # linear warm-up of the teacher temperature, per epoch (capped at epochs)
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 (0.9995 for small batches)
+
+    def __post_init__(self) -> None:
+        if self.out_dim < 2:
+            raise ConfigError(f"ssl.out_dim: must be >= 2, got {self.out_dim}")
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ssl.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.momentum_teacher < 1 or not 0 <= self.center_momentum < 1:
+            raise ConfigError("ssl.momentum_teacher and ssl.center_momentum must be in [0, 1)")
+
+
+def build_dino_student(cfg) -> BackboneWithHead:
+    backbone = build_backbone(cfg.model)
+    s = cfg.ssl
+    head = DINOHead(feature_dim(backbone), s.out_dim, s.hidden_dim, s.bottleneck_dim, s.head_layers,
+                    s.use_bn_in_head, s.norm_last_layer)
+    return BackboneWithHead(backbone, head)
+
+
+@register_method("dino")
+class DINO(SSLMethod):
+    Config = DINOConfig
+    eval_weights = "teacher"  # DINO evaluates the teacher (--checkpoint_key teacher)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg.ssl
+        self.epochs = cfg.train.epochs
+        self.student = build_dino_student(cfg)
+        self.teacher = make_teacher(self.student)
+        self.loss = DINOLoss(self.cfg.out_dim, self.cfg.student_temp, self.cfg.center_momentum)
+
+    def teacher_temp(self, ctx: StepContext) -> float:
+        s = self.cfg
+        return teacher_temperature(ctx.epoch, s.warmup_teacher_temp, s.teacher_temp,
+                                   min(s.warmup_teacher_temp_epochs, self.epochs))
+
+    def ema_momentum(self, ctx: StepContext) -> float:
+        return ema_momentum(ctx.step, ctx.total_steps, self.cfg.momentum_teacher)
+
+    def forward(self, views: list[torch.Tensor], n_global: int, ctx: StepContext) -> StepOutput:
+        with torch.no_grad():
+            t_out = self.teacher(views[:n_global])  # (T, B, K)
+        s_out = self.student(views)  # (S, B, K)
+        temp = self.teacher_temp(ctx)
+        loss = self.loss(s_out, t_out, temp)
+        self.loss.reduce_center_update(t_out)  # async all-reduce overlaps the backward pass
+        return StepOutput(loss, {"teacher_temp": torch.tensor(temp)}, {})
+
+    @torch.no_grad()
+    def update_state(self, out: StepOutput, ctx: StepContext) -> None:
+        self.loss.apply_center_update()
+
+    def last_layer_names(self) -> tuple[str, ...]:
+        return ("last_layer",)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.data.n_global < 2:
+            raise ConfigError(f"data.views: DINO needs 2 global crops, got {cfg.data.n_global}")

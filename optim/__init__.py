@@ -1,0 +1,1 @@
+"""[6] Optimisers, parameter groups and schedules."""
