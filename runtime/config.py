@@ -39,6 +39,13 @@ class ViewConfig:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    # Blur kernel length in output pixels; 0 = 2*ceil(3*blur_sigma[1])+1 (13 taps for sigma<=2). sigma is in output
+    # pixels for every crop size, as in DINO (PIL GaussianBlur(radius=sigma) on the resized crop).
+    blur_kernel: int = 0
+    # Device colour jitter: "exact" = torchvision float semantics (clamp after each op, HSV hue);
+    # "fused" = one per-sample affine colour map (hue as a rotation about the grey axis; see pipeline/augment_ops.py
+    # jitter_matrices). Only used by the device augmentation (pipeline/gpu_augment.py), not by the PIL path.
+    jitter_impl: Literal["exact", "fused"] = "exact"
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -56,6 +63,13 @@ class ViewConfig:
                 raise ConfigError(f"views[].{name}: probability must be in [0, 1], got {p}")
         if not 0.0 <= self.hue <= 0.5:
             raise ConfigError(f"views[].hue: must be in [0, 0.5], got {self.hue}")
+        if self.blur_kernel != 0 and (self.blur_kernel < 3 or self.blur_kernel % 2 == 0):
+            raise ConfigError(f"views[].blur_kernel: must be 0 (auto) or an odd number >= 3, got {self.blur_kernel}")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"views[].blur_sigma: need 0 < min <= max, got {self.blur_sigma}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"views[].{name}: must be >= 0, got {getattr(self, name)}")
 
 
 def dino_views(global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), n_local=8, local_size=96) -> list[ViewConfig]:
@@ -72,7 +86,6 @@ class DataConfig:
     loader: Literal["torchvision", "ffcv", "dali"] = "torchvision"
     # torchvision: ImageFolder directory; ffcv: .beton file; dali: shard directory written by convert_dataset.py
     train_path: str = "data/demo/train"
-    val_path: str = "data/demo/val"  # used by kNN at the end of training (same kind of path as train_path)
     batch_size: int = 64  # per rank; the global batch is batch_size * world_size
     workers: int = 2  # loader worker processes/threads per rank; use every core not driving the accelerator
     views: list[ViewConfig] = field(default_factory=dino_views)
@@ -177,6 +190,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # labelled ImageFolder splits for kNN (at the end of training and in eval.py knn)
+    train_dir: str = "data/demo/train"
+    val_dir: str = "data/demo/val"
     knn_k: int = 20
     knn_t: float = 0.07
     batch_size: int = 128

@@ -1,0 +1,1 @@
+"""Evaluation of frozen backbones: feature extraction, weighted kNN, linear probe."""

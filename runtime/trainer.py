@@ -1,0 +1,194 @@
+"""The generic training loop. Reads top to bottom; method differences live in ``methods/`` only.
+
+Per step: batch -> device augment -> method forward (student + teacher + loss) -> backward -> clip / freeze ->
+optimizer step -> EMA + loss-state update. Host syncs are marked ``# SYNC``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from methods import StepContext, build_method
+from models.parallelize import parallelize, unwrap
+from optim.build import apply_schedules, build_optimizer, cancel_last_layer_grads, clip_gradients
+from pipeline import build_loader
+from runtime import checkpoint as ckpt
+from runtime import dist
+from runtime.config import Config, config_from_dict, config_to_dict
+from runtime.logging import MetricLogger, Throughput, log
+from runtime.setup import autocast_ctx, make_augment, pick_device, seed_everything
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)  # logged metrics, for tests and the final report
+
+
+class Trainer:
+    """Owns everything one run needs; ``fit()`` runs it. Built from a resolved :class:`Config`."""
+
+    def __init__(self, cfg: Config):
+        # ============ environment ============
+        self.cfg = cfg
+        self.device = pick_device(cfg.train.device)
+        dist.init_from_env(self.device.type)
+        seed_everything(cfg.train.seed + dist.rank())
+        self.run_dir = cfg.train.out_dir
+        if dist.is_main():
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        # ============ data ============
+        self.loader = build_loader(cfg.data, seed=cfg.train.seed, rank=dist.rank(), world_size=dist.world_size(),
+                                   device=self.device)
+        self.steps_per_epoch = len(self.loader)
+        if cfg.train.steps_per_epoch > 0:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.steps_per_epoch)
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.global_batch = cfg.data.batch_size * dist.world_size()
+        self.augment = make_augment(cfg, self.device)
+        # ============ model, loss state, optimizer ============
+        self.method = build_method(cfg)
+        self.model = parallelize(self.method, cfg.model, self.device)
+        self.optimizer = build_optimizer(self.method.student, cfg.optim, self.device.type)
+        fp16 = cfg.model.precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.state = TrainState()
+        self.metrics = MetricLogger(self.run_dir, cfg.train.tensorboard)
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        """Atomically write a checkpoint of the whole run state (rank 0), prune old ones."""
+        path = ckpt.checkpoint_path(self.run_dir, self.state.step)
+        if dist.is_main():
+            ckpt.atomic_save({
+                "model": unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "augment": self.augment.state_dict() if self.augment is not None else {},
+                "rng": ckpt.rng_state(),
+                "step": self.state.step,
+                "config": config_to_dict(self.cfg),
+                "meta": {"method": self.cfg.method, "backbone": self.cfg.model.backbone, "format": 1},
+            }, path)
+            ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+        dist.barrier()
+        return path
+
+    def _maybe_resume(self) -> None:
+        spec = self.cfg.train.resume
+        if not spec:
+            return
+        if spec == "auto":
+            found = ckpt.find_resumable(self.run_dir)
+            if found is None:
+                log(f"[resume] no valid checkpoint in {self.run_dir}; starting from scratch")
+                return
+            path, state = found
+        else:
+            path, state = spec, ckpt.load_checkpoint(spec)
+        saved = config_from_dict(state["config"])
+        if saved.method != self.cfg.method or saved.model.backbone != self.cfg.model.backbone:
+            raise ckpt.CheckpointError(f"{path} was written by method={saved.method} backbone={saved.model.backbone}, "
+                                       f"but this run is method={self.cfg.method} backbone={self.cfg.model.backbone}")
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.augment is not None and state.get("augment"):
+            self.augment.load_state_dict(state["augment"])
+        ckpt.set_rng_state(state["rng"])
+        self.state.step = int(state["step"])
+        log(f"[resume] {path} at step {self.state.step}")
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        lr, wd = apply_schedules(self.optimizer, cfg.optim, ctx.step, self.total_steps, self.steps_per_epoch,
+                                 self.global_batch)
+        batch = batch.to(self.device)
+        if not batch.augmented:
+            batch = self.augment(batch)
+        views = batch.views
+        if cfg.model.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with autocast_ctx(cfg.model.precision, self.device):
+            out = self.model(views, batch.n_global, ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip_gradients(self.method.student, cfg.optim.clip_grad, cfg.optim.clip_mode)
+        cancel_last_layer_grads(self.method.student, self.method.last_layer_names(), ctx.epoch,
+                                cfg.optim.freeze_last_layer_epochs)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(out, ctx)
+        logs = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.logs.items()}}
+        logs["lr"], logs["wd"] = torch.tensor(lr), torch.tensor(wd)
+        return logs
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainState:
+        cfg = self.cfg
+        self.model.train()
+        start_epoch = self.state.step // self.steps_per_epoch
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not dist.is_main(), dynamic_ncols=True)
+        meter = Throughput()
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for epoch in range(start_epoch, cfg.train.epochs):
+            first = self.state.step - epoch * self.steps_per_epoch
+            t_wait = time.perf_counter()
+            for i, batch in enumerate(self.loader.epoch_iter(epoch, first), start=first):
+                if i >= self.steps_per_epoch:
+                    break
+                data_wait = time.perf_counter() - t_wait
+                ctx = StepContext(self.state.step, epoch, self.steps_per_epoch, self.total_steps)
+                logs = self.train_step(batch, ctx)
+                finite &= torch.isfinite(logs["loss"])  # device-side: no sync here
+                self.state.step += 1
+                meter.add(batch.batch_size * dist.world_size(), data_wait)
+                bar.update(1)
+                if self.state.step % cfg.train.log_every == 0 or self.state.step == self.total_steps:
+                    self._log(logs, meter, finite, bar)
+                if self.state.step % cfg.train.ckpt_every == 0:
+                    self._check_finite(finite)
+                    self.save()
+                t_wait = time.perf_counter()
+            self._check_finite(finite)
+            self.save()
+        bar.close()
+        self.metrics.close()
+        return self.state
+
+    def _log(self, logs: dict, meter: Throughput, finite: torch.Tensor, bar) -> None:
+        self._check_finite(finite)
+        values = {k: float(v) for k, v in logs.items()}  # SYNC: one host transfer per log interval
+        ips, wait = meter.read()
+        values.update(images_per_s=ips, data_wait=wait, epoch=self.state.step / self.steps_per_epoch)
+        meter.reset()
+        self.state.history.append({"step": self.state.step, **values})
+        self.metrics.write(self.state.step, values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{ips:.0f}")
+
+    def _check_finite(self, finite: torch.Tensor) -> None:
+        if not bool(finite):  # SYNC
+            last = ckpt.list_checkpoints(self.run_dir)
+            where = last[0][1] if last else "none written yet"
+            raise NonFiniteLossError(
+                f"loss became NaN/inf before step {self.state.step}; training stopped. Last good checkpoint: {where}. "
+                "Try a lower optim.lr, model.precision=fp32, or a larger optim.warmup_epochs.")
+
+
+def train(cfg: Config) -> TrainState:
+    return Trainer(cfg).fit()

@@ -1,0 +1,82 @@
+"""Config: merge order, overrides, and every kind of bad input failing with a message naming the key."""
+
+import pytest
+
+from runtime.config import load_config
+from runtime.config_loader import ConfigError
+
+
+def _yaml(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_merge_order_defaults_method_experiment_cli(tmp_path):
+    default = load_config("dino")
+    assert default.optim.lr == 0.1  # configs/method/dino.yaml
+    assert default.ssl.out_dim == 65536 and default.data.n_global == 2 and default.data.n_local == 8
+    a = _yaml(tmp_path, "a.yaml", "optim:\n  lr: 0.5\n  momentum: 0.8\nssl:\n  out_dim: 1024\n")
+    b = _yaml(tmp_path, "b.yaml", "optim:\n  lr: 0.7\n")
+    cfg = load_config("dino", [a, b], ["optim.momentum=0.95", "train.epochs=3"])
+    assert cfg.optim.lr == 0.7  # later experiment file wins over earlier
+    assert cfg.optim.momentum == 0.95  # CLI wins over files
+    assert cfg.ssl.out_dim == 1024 and cfg.train.epochs == 3
+    assert cfg.optim.weight_decay == 1e-4  # untouched keys keep the method default
+
+
+def test_views_expand_and_lists_override(tmp_path):
+    cfg = load_config("dino", [], ["data.views=[{role: global, count: 2, size: 64}, {role: local, count: 3, size: 32}]"])
+    sizes = [v.size for v in cfg.data.expanded_views()]
+    assert sizes == [64, 64, 32, 32, 32]
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("optim.lrr=0.1", ["optim", "lrr", "lr"]),  # unknown key, known keys listed
+        ("optim.lr=fast", ["optim.lr", "fast"]),  # wrong type
+        ("optim.name=adam", ["optim.name", "adam", "'sgd'", "'lars'", "'adamw'"]),  # invalid choice
+        ("model.precision=fp8", ["model.precision", "fp8", "'bf16'"]),
+        ("data.batch_size=0", ["data.batch_size", "0"]),
+        ("ssl.student_temp=-1", ["ssl.student_temp", "-1"]),
+        ("ssl.nope=1", ["ssl", "nope"]),
+        ("train.epochs=1.5", ["train.epochs", "1.5"]),
+        ("data.views=[{role: local, size: 32}, {role: global}]", ["data.views", "global"]),
+        ("data.views=[{role: global, scale: [0.5, 0.2]}]", ["scale", "0.5"]),
+        ("model.channels_last=maybe", ["model.channels_last", "maybe"]),
+        ("noequals", ["noequals", "key=value"]),
+    ],
+)
+def test_bad_input_names_key_and_value(override, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config("dino", [], [override])
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_unknown_method_lists_allowed():
+    with pytest.raises(ConfigError, match="unknown method 'simclr'.*dino"):
+        load_config("simclr")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found: .*missing.yaml"):
+        load_config("dino", [str(tmp_path / "missing.yaml")])
+    bad = _yaml(tmp_path, "bad.yaml", "optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config("dino", [bad])
+    lst = _yaml(tmp_path, "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml must contain a mapping"):
+        load_config("dino", [lst])
+    other = _yaml(tmp_path, "other.yaml", "method: ressl\n")
+    with pytest.raises(ConfigError, match="'ressl' but --method is 'dino'"):
+        load_config("dino", [other])
+
+
+def test_train_cli_reports_config_error_without_traceback(capsys):
+    import train
+
+    rc = train.main(["--method", "dino", "optim.name=adam"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "optim.name" in err and "Traceback" not in err

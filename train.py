@@ -1,0 +1,76 @@
+"""SSL pretraining entry point.
+
+    torchrun --nproc_per_node=N train.py --method dino --config configs/exp/dino_demo.yaml optim.lr=0.05
+
+One process, N processes on one machine and multi-node (torchrun rendezvous) all go through this file: torchrun sets
+the environment, ``runtime.dist`` reads it (NCCL on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, help="SSL method: dino, scfs, ressl, resa, mvmr, intl, cw_rgp")
+    p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later files win)")
+    p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in train.out_dir) or a path")
+    p.add_argument("--benchmark", action="store_true", help="measure loader / model step / end to end and exit")
+    p.add_argument("--steps", type=int, default=20, help="steps per benchmark phase (with --benchmark)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=128 optim.lr=0.05")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from runtime.checkpoint import CheckpointError
+    from runtime.config import load_config
+    from runtime.config_loader import ConfigError
+
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.method, args.config, overrides)
+        if args.benchmark:
+            from runtime.benchmark import run_benchmark
+
+            run_benchmark(cfg, args.steps)
+            return 0
+        from runtime.trainer import Trainer
+
+        trainer = Trainer(cfg)
+        trainer.fit()
+        if cfg.train.knn_at_end:
+            _final_knn(trainer)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from runtime import dist
+
+        dist.shutdown()
+    return 0
+
+
+def _final_knn(trainer) -> None:
+    """kNN of the trained backbone on eval.train_dir / eval.val_dir, written to <out_dir>/knn.json."""
+    from evaluation.knn_eval import knn_of_backbone
+    from runtime import dist
+    from runtime.logging import log
+
+    cfg = trainer.cfg
+    backbone = trainer.method.backbone_for_eval(cfg.eval.features)
+    res = knn_of_backbone(backbone, cfg, cfg.eval.train_dir, cfg.eval.val_dir, trainer.device, (cfg.eval.knn_k,),
+                          cfg.eval.knn_t)
+    if dist.is_main():
+        with open(os.path.join(cfg.train.out_dir, "knn.json"), "w") as f:
+            json.dump(res, f, indent=2)
+    top1 = res[f"k{cfg.eval.knn_k}"]["top1"]
+    log(f"[knn] k={cfg.eval.knn_k} T={cfg.eval.knn_t}: top-1 {top1:.2f}% ({res['seconds']:.1f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
