@@ -63,9 +63,13 @@ class DINO(SSLMethod):
         super().__init__()
         self.cfg = cfg.ssl
         self.epochs = cfg.train.epochs
-        self.student = build_dino_student(cfg)
+        self.student = self.build_student(cfg)
         self.teacher = make_teacher(self.student)
         self.loss = DINOLoss(self.cfg.out_dim, self.cfg.student_temp, self.cfg.center_momentum)
+
+    def build_student(self, cfg):
+        """The trained network (subclasses such as SCFS add heads); the teacher is its EMA copy."""
+        return build_dino_student(cfg)
 
     def teacher_temp(self, ctx: StepContext) -> float:
         s = self.cfg
