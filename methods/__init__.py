@@ -18,5 +18,6 @@ def build_method(cfg) -> SSLMethod:
 
 
 from methods import dino  # noqa: E402,F401  (registration side effect)
+from methods import scfs  # noqa: E402,F401
 
 __all__ = ["METHODS", "SSLMethod", "StepContext", "StepOutput", "build_method", "register_method"]
