@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.common import fp32_island
+from losses.common import at_least_fp32, fp32_island
 from runtime import dist
 
 
 def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
-    """softmax((t - c) / temp) in fp32. (T, B, K), (K,) -> (T, B, K)."""
-    return F.softmax((teacher_logits.float() - center) / temp, dim=-1)
+    """softmax((t - c) / temp) in fp32 (fp64 stays fp64). (T, B, K), (K,) -> (T, B, K)."""
+    return F.softmax((at_least_fp32(teacher_logits) - center) / temp, dim=-1)
 
 
 def multicrop_cross_entropy(student_logits: torch.Tensor, t_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -31,7 +31,7 @@ def multicrop_cross_entropy(student_logits: torch.Tensor, t_probs: torch.Tensor,
         scalar loss (fp32).
     """
     n_t, n_s = t_probs.shape[0], student_logits.shape[0]
-    log_q = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    log_q = F.log_softmax(at_least_fp32(student_logits) / student_temp, dim=-1)
     # ce[t, s] = - mean_b sum_k P[t,b,k] log q[s,b,k]
     ce = -torch.einsum("tbk,sbk->ts", t_probs, log_q) / t_probs.shape[1]
     mask = torch.ones(n_t, n_s, dtype=torch.bool, device=ce.device)
@@ -65,7 +65,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def reduce_center_update(self, teacher_logits: torch.Tensor) -> None:
         """Start the cross-rank sum of the teacher logits' batch sum. teacher_logits (T, B, K)."""
-        flat = teacher_logits.detach().float().flatten(0, -2)
+        flat = at_least_fp32(teacher_logits.detach()).flatten(0, -2)
         total = flat.sum(dim=0)
         count = torch.tensor(float(flat.shape[0]), device=flat.device)
         handle = dist.all_reduce_sum(total, async_op=True)

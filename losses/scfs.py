@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.common import fp32_island
+from losses.common import at_least_fp32, fp32_island
 from losses.dino import multicrop_cross_entropy, teacher_probs
 from runtime import dist
 
@@ -54,8 +54,8 @@ def shallow_local_loss(student_local: torch.Tensor, searched_teacher: torch.Tens
     if student_local.shape != searched_teacher.shape:
         raise ValueError(f"shallow_local_loss: student {tuple(student_local.shape)} and searched targets "
                          f"{tuple(searched_teacher.shape)} must have the same (L, B, D) shape")
-    probs = F.softmax(searched_teacher.detach().float() / teacher_temp, dim=-1)
-    log_q = F.log_softmax(student_local.float() / student_temp, dim=-1)
+    probs = F.softmax(at_least_fp32(searched_teacher.detach()) / teacher_temp, dim=-1)
+    log_q = F.log_softmax(at_least_fp32(student_local) / student_temp, dim=-1)
     return -(probs * log_q).sum(dim=-1).mean()
 
 
@@ -101,7 +101,7 @@ class SCFSShallowLoss(nn.Module):
     def reduce_center_update(self, teacher_global: Sequence[torch.Tensor]) -> None:
         """Start the cross-rank sum of each stage's batch sum of teacher global outputs, (G, B, D) per stage."""
         self._check("teacher_global", teacher_global)
-        sums = torch.stack([t.detach().float().flatten(0, 1).sum(dim=0) for t in teacher_global])  # (K, D)
+        sums = torch.stack([at_least_fp32(t.detach()).flatten(0, 1).sum(dim=0) for t in teacher_global])  # (K, D)
         count = float(teacher_global[0].shape[0] * teacher_global[0].shape[1])
         packed = torch.cat([sums.flatten(), sums.new_tensor([count])])  # one collective for every stage + count
         self._pending = (packed, dist.all_reduce_sum(packed, async_op=True))
