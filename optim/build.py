@@ -20,6 +20,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, fused=fused)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=fused)
+    if cfg.name == "adam":  # coupled L2 weight decay (MV-MR, W-MSE-style recipes)
+        return torch.optim.Adam(groups, lr=0.0, betas=cfg.betas, fused=fused)
     if cfg.name == "lars":
         return LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.lars_eta)
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")

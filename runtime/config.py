@@ -141,7 +141,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    name: Literal["sgd", "lars", "adamw", "adam"] = "sgd"  # adam = torch Adam, weight decay as L2 in the gradient
     lr: float = 0.1  # base lr for a global batch of 256; the used lr is scaled by lr_scaling
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     min_lr: float = 0.0048  # final lr of the cosine (absolute, not scaled)
