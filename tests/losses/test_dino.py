@@ -1,0 +1,133 @@
+"""DINOLoss against a naive float64 reference written from spec scfs.md §2.4(a).
+
+    P_v = softmax((o^t(g_v) - c) / T)
+    L   = 1/#pairs sum_{v} sum_{x != v} mean_b CE(P_v, log_softmax(o^s(x) / tau))
+    c  <- m c + (1 - m) mean_{v, b} o^t(g_v)_b                (center from *before* the update is used in the loss)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from losses.dino import DINOLoss
+
+S, T, B, K = 5, 2, 3, 7
+TAU_S, TAU_T, M = 0.1, 0.04, 0.9
+
+
+def naive_softmax(z: list[float]) -> list[float]:
+    top = max(z)
+    e = [math.exp(v - top) for v in z]
+    tot = sum(e)
+    return [v / tot for v in e]
+
+
+def naive_dino_loss(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S) -> float:
+    """Triple loop over (teacher crop, student crop, image) in plain Python floats."""
+    n_s, n_t, batch = len(student), len(teacher), len(student[0])
+    total, pairs = 0.0, 0
+    for v in range(n_t):
+        for x in range(n_s):
+            if x == v:
+                continue
+            ce_sum = 0.0
+            for b in range(batch):
+                p = naive_softmax([(t - c) / tau_t for t, c in zip(teacher[v][b], center)])
+                z = [s / tau_s for s in student[x][b]]
+                log_norm = max(z) + math.log(sum(math.exp(zj - max(z)) for zj in z))
+                ce_sum += -sum(pj * (zj - log_norm) for pj, zj in zip(p, z))
+            total += ce_sum / batch
+            pairs += 1
+    return total / pairs
+
+
+def naive_grad(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S):
+    """dL/ds[x][b][j] = (1/(pairs B tau_s)) sum_{v != x} (softmax(s[x][b]/tau_s)_j - P_v[b]_j)."""
+    n_s, n_t, batch = len(student), len(teacher), len(student[0])
+    pairs = n_t * n_s - n_t
+    grad = [[[0.0] * len(center) for _ in range(batch)] for _ in range(n_s)]
+    for x in range(n_s):
+        for b in range(batch):
+            q = naive_softmax([s / tau_s for s in student[x][b]])
+            for v in range(n_t):
+                if v == x:
+                    continue
+                p = naive_softmax([(t - c) / tau_t for t, c in zip(teacher[v][b], center)])
+                for j in range(len(center)):
+                    grad[x][b][j] += (q[j] - p[j]) / (pairs * batch * tau_s)
+    return torch.tensor(grad, dtype=torch.float64)
+
+
+def naive_center(center, teacher, m=M):
+    n_t, batch = len(teacher), len(teacher[0])
+    return [m * c + (1 - m) * sum(teacher[v][b][j] for v in range(n_t) for b in range(batch)) / (n_t * batch)
+            for j, c in enumerate(center)]
+
+
+def test_loss_gradient_and_center_match_naive_reference_over_steps():
+    loss_fn = DINOLoss(K, TAU_S, M).double()
+    center = [0.0] * K
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        student = (torch.rand(S, B, K, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+        teacher = torch.rand(T, B, K, generator=g, dtype=torch.float64) * 2 - 1
+        loss = loss_fn(student, teacher, TAU_T)
+        loss.backward()
+        ref = naive_dino_loss(student.tolist(), teacher.tolist(), center)
+        assert loss.dtype == torch.float64
+        assert loss.item() == pytest.approx(ref, rel=1e-9)
+        torch.testing.assert_close(student.grad, naive_grad(student.tolist(), teacher.tolist(), center),
+                                   rtol=1e-7, atol=1e-12)
+        loss_fn.reduce_center_update(teacher)
+        loss_fn.apply_center_update()
+        center = naive_center(center, teacher.tolist())
+        torch.testing.assert_close(loss_fn.center, torch.tensor(center, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert loss_fn.center.abs().sum() > 0  # the center moved
+
+
+def test_center_update_waits_for_apply_and_is_not_done_in_forward():
+    loss_fn = DINOLoss(K)
+    teacher = torch.rand(T, B, K)
+    loss_fn(torch.rand(S, B, K), teacher, TAU_T)
+    assert torch.count_nonzero(loss_fn.center) == 0
+    loss_fn.reduce_center_update(teacher)
+    assert torch.count_nonzero(loss_fn.center) == 0
+    loss_fn.apply_center_update()
+    torch.testing.assert_close(loss_fn.center, 0.1 * teacher.mean(dim=(0, 1)))
+
+
+def test_same_crop_pairs_are_excluded():
+    """With S = T = 2 only the cross pairs (t0, s1), (t1, s0) count, so swapping the teacher crops changes the loss."""
+    student = torch.rand(T, B, K, dtype=torch.float64)
+    teacher = torch.rand(T, B, K, dtype=torch.float64)
+    loss_fn = DINOLoss(K).double()
+    base = loss_fn(student, teacher, TAU_T)
+    swapped = loss_fn(student, teacher.flip(0), TAU_T)
+    assert not torch.isclose(base, swapped)
+    ref = naive_dino_loss(student.tolist(), teacher.tolist(), [0.0] * K)
+    assert base.item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_bad_width_raises():
+    with pytest.raises(ValueError, match="logit width"):
+        DINOLoss(K)(torch.rand(S, B, K + 1), torch.rand(T, B, K + 1), TAU_T)
+
+
+def test_bf16_autocast():
+    """The loss math runs in fp32 under autocast: fp32 inputs give the fp32 loss exactly; inputs rounded to bf16 (as a
+    bf16 network produces them) stay within 0.1% of the fp32 loss for logits in [-1, 1] (bf16 rounding <= 2^-9
+    relative, amplified by 1/T_t = 25 in the teacher softmax, averages out over K and B)."""
+    g = torch.Generator().manual_seed(3)
+    student = torch.rand(S, 16, 512, generator=g) * 2 - 1
+    teacher = torch.rand(T, 16, 512, generator=g) * 2 - 1
+    loss_fn = DINOLoss(512)
+    ref = loss_fn(student, teacher, TAU_T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = loss_fn(student, teacher, TAU_T)
+        low = loss_fn(student.bfloat16(), teacher.bfloat16(), TAU_T)
+    assert same.dtype == torch.float32 and low.dtype == torch.float32
+    torch.testing.assert_close(same, ref)
+    assert abs(low.item() - ref.item()) <= 1e-3 * ref.item()
