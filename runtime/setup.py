@@ -58,4 +58,5 @@ def make_augment(cfg: Config, device: torch.device):
         log("[setup] fp16 autocast is CUDA-only; using bf16 on CPU")
     return DeviceAugment(cfg.data.expanded_views(), mean=cfg.data.mean, std=cfg.data.std,
                          out_dtype=autocast_dtype(cfg.model.precision, device) or torch.float32,
-                         channels_last=cfg.model.channels_last, seed=cfg.train.seed * 1000 + dist.rank())
+                         channels_last=cfg.model.channels_last, seed=cfg.train.seed * 1000 + dist.rank(),
+                         flip=cfg.data.loader != "torchvision")  # the PIL path flips already

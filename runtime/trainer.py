@@ -119,7 +119,7 @@ class Trainer:
                                  self.global_batch)
         batch = batch.to(self.device)
         if not batch.augmented:
-            batch = self.augment(batch)
+            batch = self.augment(batch, step=ctx.step)  # reseeded from the step: resume needs no RNG state
         views = batch.views
         if cfg.model.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]

@@ -13,3 +13,36 @@ if ROOT not in sys.path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def make_image_folder(root, classes=2, per_class=12, size=40, seed=0):
+    """A tiny ImageFolder of random-colour JPEGs with a class-dependent pattern (for smoke/resume tests)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = os.path.join(root, f"class{c}")
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            img[:, c * 4 : c * 4 + 8] = 255 - 60 * c
+            Image.fromarray(img).save(os.path.join(d, f"{i:03d}.jpg"), quality=90)
+    return str(root)
+
+
+TINY_OVERRIDES = [
+    "model.backbone=resnet18",
+    "ssl.out_dim=256", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32",
+    "data.batch_size=8", "data.workers=0",
+    "data.views=[{role: global, count: 2, size: 32, scale: [0.3, 1.0]}, {role: local, count: 2, size: 16}]",
+    "optim.warmup_epochs=1", "train.tensorboard=false", "train.knn_at_end=false", "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_image_folder(str(root / "train"), per_class=12)
+    make_image_folder(str(root / "val"), per_class=4, seed=1)
+    return str(root)
