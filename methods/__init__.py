@@ -21,5 +21,6 @@ from methods import dino  # noqa: E402,F401  (registration side effect)
 from methods import scfs  # noqa: E402,F401
 from methods import ressl  # noqa: E402,F401
 from methods import resa  # noqa: E402,F401
+from methods import mvmr  # noqa: E402,F401
 
 __all__ = ["METHODS", "SSLMethod", "StepContext", "StepOutput", "build_method", "register_method"]
