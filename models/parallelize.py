@@ -15,7 +15,7 @@ def parallelize(method: nn.Module, cfg: ModelConfig, device: torch.device) -> nn
 
     - SyncBN only with >1 rank on CUDA (gloo has no SyncBN kernels on CPU; per-rank BN is used there and logged).
     - The teacher is inside the wrapped module but has ``requires_grad=False``, so DDP neither reduces nor waits on it.
-      ``broadcast_buffers=False``: loss state (centers, queues) is kept identical by the methods' own all-reduces,
+      ``forward_sync_buffers=False``: loss state (centers, queues) is kept identical by the methods' own all-reduces,
       and BN statistics are SyncBN's job; broadcasting them every step would be a wasted collective.
     """
     if cfg.sync_bn and dist.world_size() > 1:
@@ -32,7 +32,7 @@ def parallelize(method: nn.Module, cfg: ModelConfig, device: torch.device) -> nn
                 net.backbone.compile(dynamic=False)  # one graph per crop resolution; warm-up reported by --benchmark
     if dist.world_size() > 1:
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(method, device_ids=ids, broadcast_buffers=False)
+        return nn.parallel.DistributedDataParallel(method, device_ids=ids, forward_sync_buffers=False)
     return method
 
 

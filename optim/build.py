@@ -17,7 +17,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     # fused kernels exist for CUDA (and CPU for SGD/Adam in recent torch); foreach elsewhere
     fused = cfg.fused and device_type in ("cuda", "cpu")
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, fused=fused)
+        # foreach, not fused: torch's fused SGD fails when a parameter first gets a gradient after step 0 (the DINO
+        # prototype layer frozen for the first epoch has no momentum buffer yet)
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, foreach=True)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=fused)
     if cfg.name == "adam":  # coupled L2 weight decay (MV-MR, W-MSE-style recipes)

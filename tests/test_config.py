@@ -36,7 +36,7 @@ def test_views_expand_and_lists_override(tmp_path):
     [
         ("optim.lrr=0.1", ["optim", "lrr", "lr"]),  # unknown key, known keys listed
         ("optim.lr=fast", ["optim.lr", "fast"]),  # wrong type
-        ("optim.name=adam", ["optim.name", "adam", "'sgd'", "'lars'", "'adamw'"]),  # invalid choice
+        ("optim.name=rmsprop", ["optim.name", "rmsprop", "'sgd'", "'lars'", "'adamw'"]),  # invalid choice
         ("model.precision=fp8", ["model.precision", "fp8", "'bf16'"]),
         ("data.batch_size=0", ["data.batch_size", "0"]),
         ("ssl.student_temp=-1", ["ssl.student_temp", "-1"]),
@@ -77,6 +77,6 @@ def test_bad_files(tmp_path):
 def test_train_cli_reports_config_error_without_traceback(capsys):
     import train
 
-    rc = train.main(["--method", "dino", "optim.name=adam"])
+    rc = train.main(["--method", "dino", "optim.name=rmsprop"])
     err = capsys.readouterr().err
     assert rc == 2 and "optim.name" in err and "Traceback" not in err

@@ -53,7 +53,7 @@ def test_eval_bad_checkpoint_message(tmp_path, capsys):
 @pytest.mark.dist
 def test_torchrun_two_cpu_ranks(tiny_folder, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            os.path.join(ROOT, "train.py"), *_args(tiny_folder, out), "train.epochs=1", "data.batch_size=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
