@@ -1,0 +1,271 @@
+"""[2] Device-side batched augmentation: uint8 crops in, normalised (bf16/fp16/fp32) views out.
+
+The loader delivers crop (+ usually flip) as uint8 ``(B, 3, H, W)`` views; :class:`DeviceAugment` applies the rest of
+the per-view recipe (``ViewConfig``) on whatever device the batch is on, in this order (DINO/BYOL order)::
+
+    [flip] -> colour jitter (p, random op order) -> grayscale (p) -> Gaussian blur (p) -> solarize (p)
+           -> normalise -> cast -> [channels-last]
+
+Design decisions:
+
+* Views with the same recipe and size are stacked and processed as one batch (e.g. DINO's 6-8 local crops become one
+  ``(8B, 3, 96, 96)`` call): fewer, larger kernels.
+* Per-sample random parameters are drawn on the **host** from one seeded CPU ``torch.Generator``: the data-dependent
+  grouping (which samples blur, which op comes first) is then known on the host without a device sync, the draws do
+  not depend on the device, and resuming only needs the generator state (:meth:`state_dict`) - or nothing at all if
+  the caller passes ``step`` (parameters are then a pure function of ``(seed, step)``).
+* Colour jitter has two implementations (``ViewConfig.jitter_impl``): ``"exact"`` (torchvision float semantics,
+  HSV hue) and ``"fused"`` (one per-sample affine colour map, grayscale folded in, applied straight from uint8 in
+  one batched matmul); see :func:`pipeline.augment_ops.jitter_matrices` for the deviation.
+* ``compile=True`` wraps the elementwise stages (uint8 -> float + fused colour map, and solarize + normalise + cast +
+  layout) in ``torch.compile`` so each becomes one fused kernel; blur (a conv) and the exact jitter (data-dependent
+  regrouping) stay eager.
+
+Seeding under DDP: pass a different ``seed`` per rank (e.g. ``seed + rank``) or every rank augments identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import record_function
+
+from pipeline import augment_ops as ops
+from pipeline.batch import Batch
+from runtime.config import ViewConfig
+
+
+@dataclass
+class ViewParams:
+    """Per-sample random parameters of N samples (host tensors).
+
+    Attributes:
+        flip, jitter, gray, blur, solarize: (N,) bool - whether each op is applied to each sample.
+        order: (N, 4) int64 - per-sample permutation of jitter op ids (brightness, contrast, saturation, hue).
+        factors: (N, 4) float32 - brightness/contrast/saturation factors and the hue shift (turns).
+        sigma: (N,) float32 - blur standard deviation in output pixels.
+    """
+
+    flip: torch.Tensor
+    jitter: torch.Tensor
+    order: torch.Tensor
+    factors: torch.Tensor
+    gray: torch.Tensor
+    blur: torch.Tensor
+    sigma: torch.Tensor
+    solarize: torch.Tensor
+
+
+def sample_params(view: ViewConfig, n: int, gen: torch.Generator) -> ViewParams:
+    """Draw the parameters of ``n`` samples of ``view``; always consumes the same number of draws for a given n."""
+    u = torch.rand(n, 6, generator=gen)  # one column per Bernoulli + the blur sigma
+    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)  # uniform random permutations, like randperm(4)
+    lo = torch.tensor([max(0.0, 1.0 - view.brightness), max(0.0, 1.0 - view.contrast),
+                       max(0.0, 1.0 - view.saturation), -view.hue])
+    hi = torch.tensor([1.0 + view.brightness, 1.0 + view.contrast, 1.0 + view.saturation, view.hue])
+    factors = lo + (hi - lo) * torch.rand(n, 4, generator=gen)
+    s_lo, s_hi = view.blur_sigma
+    return ViewParams(
+        flip=u[:, 0] < view.flip_p,
+        jitter=u[:, 1] < view.jitter_p,
+        order=order,
+        factors=factors,
+        gray=u[:, 2] < view.grayscale_p,
+        blur=u[:, 3] < view.blur_p,
+        sigma=s_lo + (s_hi - s_lo) * u[:, 4],
+        solarize=u[:, 5] < view.solarize_p,
+    )
+
+
+def _recipe_key(view: ViewConfig) -> tuple:
+    """Views with equal keys share one stacked call (role and count do not affect the pixels)."""
+    return dataclasses.astuple(dataclasses.replace(view, role="global", count=1))
+
+
+def _jitter_enabled(view: ViewConfig) -> tuple[bool, bool, bool, bool]:
+    return (view.brightness > 0, view.contrast > 0, view.saturation > 0, view.hue > 0)
+
+
+def fused_color_stage(x: torch.Tensor, flip: torch.Tensor | None, m_mat: torch.Tensor, b_vec: torch.Tensor):
+    """The ``torch.compile`` target of the fused path: [flip] + uint8 -> float + affine colour map (jitter and
+    grayscale folded in): (N, 3, H, W) uint8 -> float32 in [0, 1]. Masks, not subsets: shapes stay fixed."""
+    if flip is not None:
+        x = ops.hflip(x, flip)
+    return ops.apply_color_matrix_pointwise(x, m_mat, b_vec)
+
+
+def exact_color_stage(x: torch.Tensor, flip: torch.Tensor | None, order: torch.Tensor, factors: torch.Tensor,
+                      active: torch.Tensor, gray: torch.Tensor | None, hue_on: bool) -> torch.Tensor:
+    """The ``torch.compile`` target of the exact path: [flip] + uint8 -> float + exact jitter (pointwise
+    formulation, two fused passes) + [grayscale]: (N, 3, H, W) uint8 -> float32 in [0, 1]."""
+    if flip is not None:
+        x = ops.hflip(x, flip)
+    return ops.color_jitter_pointwise(x, order, factors, active, gray, hue_on)
+
+
+def finish_stage(x: torch.Tensor, sol: torch.Tensor | None, scale: torch.Tensor, bias: torch.Tensor,
+                 dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """[solarize] + normalise + cast + layout: (N, 3, H, W) float32 in [0, 1] -> ``dtype``, normalised.
+
+    ``sol`` (N,) bool selects the samples to solarize (None = none). One output allocation in the final dtype and
+    memory format; eagerly the normalise, cast and layout change are a single pass.
+    """
+    if sol is not None:
+        x = ops.solarize(x, sol)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if torch.compiler.is_compiling():  # inductor fuses it all anyway and keeps eager's output strides for this form
+        return ops.normalize(x, scale, bias).to(dtype).contiguous(memory_format=fmt)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+    return ops.normalize(x, scale, bias, out=out)
+
+
+class DeviceAugment:
+    """Batched per-view augmentation of a :class:`Batch` on its device.
+
+    Args:
+        views: one ViewConfig per crop (``DataConfig.expanded_views()``), in the batch's view order.
+        mean: per-channel normalisation mean (RGB, [0, 1] scale).
+        std: per-channel normalisation std.
+        out_dtype: dtype of the output views (the autocast dtype: bf16 / fp16 / fp32).
+        channels_last: return NHWC-strided views (faster convs with channels-last models).
+        seed: seed of the host generator; use a different one per rank.
+        compile: ``torch.compile`` the elementwise stages (first call per shape pays the compile).
+        flip: apply the per-sample horizontal flip here (``ViewConfig.flip_p``); False when the loader flipped.
+    """
+
+    def __init__(self, views: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float],
+                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False, seed: int = 0,
+                 compile: bool = False, flip: bool = False):
+        if not views:
+            raise ValueError("DeviceAugment: at least one view is required")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"DeviceAugment: mean/std need 3 values and std > 0, got mean={mean} std={std}")
+        self.views = list(views)
+        self.scale = 1.0 / torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
+        self.bias = -torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1) * self.scale
+        self.out_dtype, self.channels_last, self.flip, self.seed = out_dtype, channels_last, flip, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        groups: dict[tuple, list[int]] = {}
+        for i, v in enumerate(self.views):
+            groups.setdefault(_recipe_key(v), []).append(i)
+        self.groups: list[list[int]] = list(groups.values())
+        self.compiled = compile
+        self._color: Callable = fused_color_stage
+        self._finish: Callable = finish_stage
+        self._color_exact: Callable = exact_color_stage
+        if compile:  # fixed-shape stages: one compile per (view size, stack size, which optional ops are on)
+            self._color = torch.compile(fused_color_stage, dynamic=False)
+            self._color_exact = torch.compile(exact_color_stage, dynamic=False)
+            self._finish = torch.compile(finish_stage, dynamic=False)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def __call__(self, batch: Batch, step: int | None = None) -> Batch:
+        """Augment every view; ``step`` (optional) reseeds from ``(seed, step)`` so resuming needs only the step.
+
+        Returns:
+            A new Batch with ``augmented=True`` and views of dtype ``out_dtype`` (B, 3, H_v, W_v).
+        """
+        self._check(batch)
+        if step is not None:
+            self.generator.manual_seed((self.seed * 1_000_003 + step * 7_919 + 0x5EED) % (2**63 - 1))
+        out: list[torch.Tensor | None] = [None] * len(self.views)
+        b = batch.batch_size
+        for idx in self.groups:
+            view = self.views[idx[0]]
+            x = batch.views[idx[0]] if len(idx) == 1 else torch.cat([batch.views[i] for i in idx])
+            params = sample_params(view, x.shape[0], self.generator)
+            y = self.augment_stacked(x, view, params)
+            for j, i in enumerate(idx):
+                out[i] = y[j * b : (j + 1) * b]
+        return Batch(out, batch.labels, batch.indices, batch.n_global, augmented=True)
+
+    def _check(self, batch: Batch) -> None:
+        if batch.augmented:
+            raise ValueError("DeviceAugment: batch is already augmented (loader ran the full PIL recipe?)")
+        if len(batch.views) != len(self.views):
+            raise ValueError(f"DeviceAugment: batch has {len(batch.views)} views, the recipe has {len(self.views)}")
+        for i, (x, v) in enumerate(zip(batch.views, self.views)):
+            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] != batch.batch_size:
+                raise ValueError(f"DeviceAugment: view {i} must be uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            if tuple(x.shape[2:]) != (v.size, v.size):
+                raise ValueError(f"DeviceAugment: view {i} is {tuple(x.shape[2:])}, its ViewConfig.size is {v.size}")
+
+    def augment_stacked(self, x: torch.Tensor, view: ViewConfig, p: ViewParams) -> torch.Tensor:
+        """One recipe on a stack of samples: (N, 3, H, W) uint8 -> (N, 3, H, W) ``out_dtype``, normalised."""
+        dev = x.device
+        flip = p.flip if self.flip and bool(p.flip.any()) else None
+        with record_function(f"augment/color_{view.jitter_impl}"):  # profiler ranges, ~free when not profiling
+            if view.jitter_impl == "fused":
+                y = self._fused_color(x, view, p, flip)
+            else:
+                y = self._exact_color(x, view, p, flip)
+        if bool(p.blur.any()):
+            size = ops.blur_kernel_size(view.blur_sigma[1], view.blur_kernel)
+            with record_function("augment/blur"):
+                y = _on_subset(y, p.blur, lambda t, sel: ops.gaussian_blur(t, p.sigma[sel].to(dev), size))
+        scale, bias = self.scale.to(dev), self.bias.to(dev)
+        sol = p.solarize if bool(p.solarize.any()) else None
+        with record_function("augment/finish"):
+            if self.compiled:  # fixed shapes: masks instead of subsets, fused into one kernel by inductor
+                sol = None if sol is None else sol.to(dev, non_blocking=True)
+                return self._finish(y, sol, scale, bias, self.out_dtype, self.channels_last)
+            if sol is not None:
+                y = _on_subset(y, sol, lambda t, sel: ops.solarize(t))
+            return finish_stage(y, None, scale, bias, self.out_dtype, self.channels_last)
+
+    def _fused_color(self, x: torch.Tensor, view: ViewConfig, p: ViewParams, flip: torch.Tensor | None):
+        dev = x.device
+        n, _, h, w = x.shape
+        # A zero strength samples the identity factor (1, or a 0 hue shift), so disabled ops need no special case.
+        if any(_jitter_enabled(view)) and bool(p.jitter.any()):
+            means = x.sum(dim=(2, 3), dtype=torch.float32) / (255.0 * h * w)  # flip-invariant, no float copy
+            m_mat, b_vec = ops.jitter_matrices(p.order.to(dev), p.factors.to(dev), p.jitter.to(dev), means)
+        else:
+            m_mat, b_vec = torch.eye(3, device=dev).expand(n, 3, 3), torch.zeros(n, 3, device=dev)
+        if bool(p.gray.any()):
+            m_mat, b_vec = ops.grayscale_matrix(p.gray.to(dev), m_mat, b_vec)
+        m_mat, b_vec = m_mat.contiguous(), b_vec.contiguous()
+        if self.compiled:
+            return self._color(x, None if flip is None else flip.to(dev, non_blocking=True), m_mat, b_vec)
+        if flip is not None:
+            x = _on_subset(x, flip, lambda t, sel: t.flip(-1))
+        return ops.apply_color_matrix_u8(x, m_mat, b_vec)
+
+    def _exact_color(self, x: torch.Tensor, view: ViewConfig, p: ViewParams, flip: torch.Tensor | None):
+        dev = x.device
+        enabled = _jitter_enabled(view)
+        if self.compiled:
+            to = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
+            active = p.jitter & any(enabled)  # a disabled op samples the exact identity factor (1 or no hue)
+            return self._color_exact(x, to(flip), to(p.order), to(p.factors), to(active),
+                                     to(p.gray if bool(p.gray.any()) else None), enabled[3])
+        if flip is not None:
+            x = _on_subset(x, flip, lambda t, sel: t.flip(-1))
+        y = ops.to_float01(x)
+        if any(enabled) and bool(p.jitter.any()):
+            factors = p.factors.to(dev, non_blocking=True)
+            y = ops.color_jitter_exact(y, p.order, factors, p.jitter, enabled)
+        if bool(p.gray.any()):
+            y = _on_subset(y, p.gray, lambda t, sel: ops.grayscale(t).expand_as(t))
+        return y
+
+
+def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn: Callable) -> torch.Tensor:
+    """Apply ``fn(x[sel], sel)`` to the rows selected by the host bool ``mask`` (N,) and put them back.
+
+    The selection is known on the host, so there is no device sync; ops then cost in proportion to the number of
+    selected samples (e.g. blur with p=0.1 touches 10% of the batch). Returns a new tensor unless all rows are selected.
+    """
+    sel = torch.nonzero(mask).squeeze(1)
+    if sel.numel() == x.shape[0]:
+        return fn(x, sel)
+    sel_dev = sel.to(x.device, non_blocking=True)
+    return x.index_copy(0, sel_dev, fn(x.index_select(0, sel_dev), sel))
