@@ -1,0 +1,251 @@
+"""FFCV pipeline stages for decode-once multi-crop: the multi-crop decoder, an index decoder and the RNG.
+
+:class:`MultiCropDecoder` is an FFCV ``Operation`` for the ``image`` field (``RGBImageField``, jpg or raw). For every
+sample of a batch it decodes the JPEG **once** into a scratch buffer and then cuts all V views out of the decoded
+image: torchvision-semantics RandomResizedCrop box (:data:`pipeline.crops.sample_rrc_nb`, aspect-ratio jitter
+kept), resize with FFCV's OpenCV ``resize`` (``INTER_AREA``: pixel-area averaging, antialiased when shrinking), then
+a horizontal flip with probability ``flip_p`` of that view. Stock FFCV decodes the JPEG again for every view, which
+costs ~2x the throughput for 2+6/8-crop recipes (see /work/shared/research/cpu_loader_measurements.md).
+
+Output contract (declared in :meth:`MultiCropDecoder.declare_state_and_memory`): one uint8 array of shape
+``(B, total_bytes + 1)`` per batch, but its memory is laid out **view-major**: the first ``B * 3 * S_0^2`` bytes
+are view 0 of all B samples as (B, S_0, S_0, 3) HWC, then view 1, and so on; the last B bytes are a per-sample
+status (0 = ok, 1 = JPEG decode failed). :func:`split_views` turns that buffer into V tensors (B, 3, S, S) that are
+channels-last views of the same memory (no copy).
+
+Randomness is counter-based: each (seed, epoch, sample index, view) gets its own stream (:class:`CounterRNG`,
+splitmix64), so crops depend only on those four numbers - not on the thread that decodes the sample, the batch the
+sample lands in, the number of workers or the number of ranks. The (seed, epoch) key lives in a small host array
+that the compiled code reads through a raw pointer at the start of every batch (FFCV freezes closure constants at
+compile time, so a Python attribute would not reach already compiled code).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from ffcv import _libffcv
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from numba import njit, uint64
+from numba.experimental import jitclass
+
+from pipeline.crops import sample_rrc_nb
+
+_LIB = ctypes.CDLL(_libffcv.__file__)
+_memcpy_c = _LIB.my_memcpy  # (source, destination, n_bytes); callable from numba and from Python
+_memcpy_c.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+_memcpy_c.restype = None
+# Called directly as ctypes functions (numba compiles ctypes calls natively): wrapping FFCV's Python helpers in
+# per-loader numba dispatchers instead trips a numba dispatcher-bookkeeping KeyError when a second loader compiles.
+# imdecode (libjpeg-turbo): (src, src_size, h, w, dst, crop_h, crop_w, off_x, off_y, scale_num, scale_den, crop, flip)
+_imdecode_c = _LIB.imdecode
+_imdecode_c.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
+                        ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+                        ctypes.c_uint32, ctypes.c_bool, ctypes.c_bool]
+_imdecode_c.restype = ctypes.c_int
+_resize_c = _LIB.resize  # OpenCV INTER_AREA: (0, src, src_h, src_w, row0, row1, col0, col1, dst, dst_h, dst_w)
+_resize_c.argtypes = [ctypes.c_int64] * 11
+_resize_c.restype = None
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_VIEW_STEP = np.uint64(0xD1B54A32D192ED03)
+
+
+@njit(cache=True)
+def mix64(z: np.uint64) -> np.uint64:
+    """splitmix64 finaliser: a bijective 64-bit hash with full avalanche (all arithmetic wraps mod 2^64)."""
+    z = uint64(z)
+    z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
+    return z ^ (z >> uint64(31))
+
+
+def epoch_key(seed: int, epoch: int) -> np.uint64:
+    """64-bit stream key for (seed, epoch); per-sample and per-view keys are derived from it."""
+    return mix64(np.uint64(mix64(np.uint64(seed % 2**64))) + np.uint64(epoch % 2**64))
+
+
+@njit(cache=True)
+def view_key(ekey: np.uint64, sample: np.uint64, view: np.uint64) -> np.uint64:
+    """Key of the RNG stream of one view of one sample (see :func:`epoch_key`)."""
+    skey = mix64(uint64(ekey) + uint64(sample) * _GOLDEN)
+    return mix64(skey + (uint64(view) + uint64(1)) * _VIEW_STEP)
+
+
+@jitclass([("key", uint64), ("counter", uint64)])
+class CounterRNG:
+    """Counter-based generator exposing the two ``numpy.random.Generator`` methods ``sample_rrc_nb`` uses.
+
+    ``next = mix64(key + counter * golden)``; one object per (sample, view), created inside the compiled loop.
+    """
+
+    def __init__(self, key):
+        self.key = key
+        self.counter = 0
+
+    def random(self):
+        """Uniform float64 in [0, 1) with 53 random bits."""
+        self.counter += uint64(1)
+        bits = mix64(self.key + self.counter * _GOLDEN)
+        return float(bits >> uint64(11)) * (1.0 / 9007199254740992.0)
+
+    def uniform(self, low, high):
+        return low + (high - low) * self.random()
+
+    def integers(self, low, high):
+        """Uniform integer in [low, high) (``high`` exclusive, like ``Generator.integers``)."""
+        span = high - low
+        return low + min(int(self.random() * span), span - 1)
+
+
+@njit(cache=True, nogil=True)
+def hflip_inplace(img: np.ndarray) -> None:
+    """Mirror an (H, W, 3) uint8 image left-right in place."""
+    h, w = img.shape[0], img.shape[1]
+    for r in range(h):
+        for c in range(w // 2):
+            for ch in range(3):
+                tmp = img[r, c, ch]
+                img[r, c, ch] = img[r, w - 1 - c, ch]
+                img[r, w - 1 - c, ch] = tmp
+
+
+def view_layout(sizes: Sequence[int]) -> tuple[np.ndarray, int]:
+    """Per-sample byte offsets of each view (HWC uint8) and the total bytes of all views of one sample."""
+    nbytes = np.array([3 * s * s for s in sizes], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)
+    return offsets, int(nbytes.sum())
+
+
+class MultiCropDecoder(Operation):
+    """Decode each JPEG once and cut V random-resized, randomly flipped crops from it (see module docstring).
+
+    Args:
+        sizes: (V,) output side of every view, globals first.
+        scales: (V, 2) RandomResizedCrop area-fraction range of every view.
+        ratios: (V, 2) aspect-ratio (w / h) range of every view, sampled log-uniformly.
+        flip_ps: (V,) horizontal-flip probability of every view (0 = leave flipping to the device augmentation).
+    """
+
+    def __init__(self, sizes: Sequence[int], scales: Sequence[Sequence[float]], ratios: Sequence[Sequence[float]],
+                 flip_ps: Sequence[float]) -> None:
+        super().__init__()
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.scales = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
+        self.ratios = np.asarray(ratios, dtype=np.float64).reshape(-1, 2)
+        self.flip_ps = np.asarray(flip_ps, dtype=np.float64)
+        n = len(self.sizes)
+        if not (len(self.scales) == len(self.ratios) == len(self.flip_ps) == n and n > 0):
+            raise ValueError(f"MultiCropDecoder: sizes/scales/ratios/flip_ps must have the same length > 0, got "
+                             f"{n}, {len(self.scales)}, {len(self.ratios)}, {len(self.flip_ps)}")
+        self.offsets, self.total_bytes = view_layout(self.sizes.tolist())
+        # Read by the compiled code at every batch through its address; never reallocate this array.
+        self.key_block = np.zeros(1, dtype=np.uint64)
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Select the random streams of ``epoch`` (call before the epoch's iterator starts decoding)."""
+        self.key_block[0] = epoch_key(seed, epoch)
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        heights, widths = self.metadata["height"], self.metadata["width"]
+        if len(heights) == 0:
+            raise ValueError("MultiCropDecoder: the dataset has no samples")
+        max_pixels = np.uint64(int(heights.max()) * int(widths.max()))
+        out_shape = (self.total_bytes + 1,)  # + 1 status byte per sample (see module docstring)
+        u8 = np.dtype("<u1")
+        return (
+            replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
+            (AllocationQuery(out_shape, u8), AllocationQuery((max_pixels * np.uint64(3),), u8)),
+        )
+
+    def generate_code(self) -> Callable:
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c, resize_c = _imdecode_c, _resize_c
+        memcpy_c = _memcpy_c
+        sample_rrc, rng_cls, flip_c, vkey = sample_rrc_nb, CounterRNG, hflip_inplace, view_key
+        jpg = IMAGE_MODES["jpg"]
+        sizes, scales, ratios, flip_ps, offsets = self.sizes, self.scales, self.ratios, self.flip_ps, self.offsets
+        n_views, total = len(sizes), self.total_bytes
+        key_addr = self.key_block.ctypes.data
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            count = len(batch_indices)
+            flat = destination.reshape(-1)
+            ekey = np.zeros(1, dtype=np.uint64)
+            memcpy_c(key_addr, ekey.ctypes.data, 8)
+            for k in my_range(count):
+                source_ix = batch_indices[k]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.int64(field["height"]), np.int64(field["width"])
+                status = 0
+                if field["mode"] == jpg:
+                    temp = temp_storage[k]
+                    res = imdecode_c(image_data.ctypes.data, image_data.size, height, width, temp.ctypes.data, height,
+                                     width, 0, 0, 1, 1, False, False)
+                    status = 1 if res < 0 else 0
+                    img = temp.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                else:
+                    img = image_data.reshape(height, width, 3)
+                flat[count * total + k] = status
+                for v in range(n_views):
+                    rng = rng_cls(np.uint64(vkey(ekey[0], np.uint64(source_ix), np.uint64(v))))  # JIT off: int -> u64
+                    top, left, ch, cw = sample_rrc(height, width, (scales[v, 0], scales[v, 1]),
+                                                   (ratios[v, 0], ratios[v, 1]), rng)
+                    s = sizes[v]
+                    start = count * offsets[v] + k * 3 * s * s
+                    out = flat[start: start + 3 * s * s].reshape(s, s, 3)
+                    resize_c(0, img.ctypes.data, height, width, top, top + ch, left, left + cw, out.ctypes.data, s, s)
+                    if rng.random() < flip_ps[v]:
+                        flip_c(out)
+            return destination
+
+        decode.is_parallel = True
+        return decode
+
+
+def split_views(buffer: np.ndarray, sizes: Sequence[int]) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Zero-copy split of a :class:`MultiCropDecoder` output into per-view tensors.
+
+    Args:
+        buffer: (B, total_bytes + 1) uint8, view-major as described in the module docstring.
+        sizes: (V,) view sides, the decoder's ``sizes``.
+
+    Returns:
+        (views, status): V uint8 tensors (B, 3, S_v, S_v) in channels-last memory format sharing ``buffer``'s
+        memory, and the (B,) uint8 status array (nonzero = the JPEG of that sample failed to decode).
+    """
+    count = buffer.shape[0]
+    offsets, total = view_layout(sizes)
+    flat = torch.from_numpy(buffer.reshape(-1))
+    views = []
+    for off, s in zip(offsets.tolist(), sizes):
+        chunk = flat[count * off: count * (off + 3 * s * s)]
+        views.append(chunk.view(count, s, s, 3).permute(0, 3, 1, 2))
+    return views, buffer.reshape(-1)[count * total: count * total + count]
+
+
+class IndexDecoder(Operation):
+    """Decoder that ignores the field's data and outputs the dataset index of every sample: (B,) int64."""
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        i64 = np.dtype("<i8")
+        return replace(previous_state, jit_mode=True, shape=(), dtype=i64), AllocationQuery((), i64)
+
+    def generate_code(self) -> Callable:
+        def decode(batch_indices, destination, metadata, storage_state):
+            for k in range(len(batch_indices)):
+                destination[k] = batch_indices[k]
+            return destination[: len(batch_indices)]
+
+        return decode

@@ -1,0 +1,280 @@
+"""[1] FFCV multi-crop loader: ``.beton`` -> decode once per image -> all V crops (+ flip) -> :class:`Batch`.
+
+Loader interface (shared by the torchvision, FFCV and DALI loaders)::
+
+    loader = build_ffcv_loader(data_cfg, seed=seed, rank=rank, world_size=world_size, device=device)
+    len(loader)                        # batches per epoch for this rank (drop_last: only full batches)
+    for batch in loader.epoch_iter(epoch, start=0):
+        batch.views                    # V uint8 (B, 3, S_v, S_v), globals first, order of data_cfg.expanded_views()
+        batch.labels, batch.indices    # (B,) int64
+        batch.n_global                 # colour ops are NOT applied here: DeviceAugment does them on the device
+
+The pipeline, assembled in :func:`build_ffcv_loader` (every stage declares its output before data flows)::
+
+    image: MultiCropDecoder  (B, sum_v 3 S_v^2 + 1) uint8, view-major -> split_views -> V x (B, 3, S_v, S_v)
+    label: IntDecoder        (B, 1) int64
+    index: IndexDecoder      (B,) int64 (dataset index, for exact-resume checks)
+
+Behaviour and choices:
+
+* Crops: torchvision RandomResizedCrop semantics per view (scale, ratio with aspect jitter) and a horizontal flip with
+  the view's ``flip_p`` (``flip=False`` leaves the flip to ``DeviceAugment(flip=True)``). Resize kernel: OpenCV
+  ``INTER_AREA`` (FFCV's C resize); ``data_cfg.interpolation`` only applies to the torchvision loader.
+* Order: ``random`` uses the same (seed, epoch) permutation and rank split as the torchvision loader (a ``.beton``
+  written in ImageFolder order is visited in the same order by both). ``quasi_random`` shuffles pages, then samples
+  within windows of pages (reads far less of the file when ``os_cache=False`` and the data does not fit in RAM)
+  and, unlike stock FFCV, works with several ranks: global batches are dealt round-robin to ranks.
+* Sharding never touches ``torch.distributed``: ``rank``/``world_size`` are arguments, every rank gets the same
+  number of full batches and ranks see disjoint samples.
+* Determinism: order and crops depend only on (seed, epoch, index) - not on threads, batch size split or timing - so
+  ``epoch_iter(epoch, start)`` resumes exactly at batch ``start``.
+* Threads: ``data_cfg.workers`` numba threads decode in parallel from one FFCV background thread (``0`` = 1 thread).
+  FFCV also sets torch's intra-op thread count to that number in its thread; the builder restores it on the caller.
+* Buffer lifetime: the view tensors alias FFCV's ring buffer and stay valid until the next batch is requested (the
+  usual FFCV contract; ``clone()`` views you keep longer); labels and indices are copies. On CUDA the views are
+  copied to the device (non-blocking, from pinned memory) and FFCV's stream events keep the slot alive until the
+  copy is done.
+* First-batch latency: the decoder is a few small numba functions (~2-3 s to compile on a slow core, once per
+  process), not stock FFCV's per-view decoders.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import time
+from collections.abc import Iterator
+
+import numba
+import numpy as np
+import torch
+
+from pipeline.batch import Batch
+from runtime.config import DataConfig
+from runtime.config_loader import ConfigError
+
+_JOIN_TIMEOUT_S = 60.0
+
+
+def check_beton(path: str) -> None:
+    """Raise ConfigError unless ``path`` is a readable ``.beton`` with ``image`` (RGBImageField) and ``label``."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.train_path: {path!r} does not exist or is not a file (the ffcv loader reads a .beton "
+                          "written by convert_dataset.py --format ffcv)")
+    try:
+        reader = Reader(path)
+    except Exception as e:  # numpy/assert errors from a truncated or foreign file
+        msg = f"data.train_path: {path!r} is not a readable FFCV .beton file ({type(e).__name__}: {e})"
+        raise ConfigError(msg) from None
+    fields = reader.handlers
+    if not isinstance(fields.get("image"), RGBImageField) or not isinstance(fields.get("label"), IntField):
+        found = {k: type(v).__name__ for k, v in fields.items()}
+        raise ConfigError(f"data.train_path: {path!r} must have fields image=RGBImageField and label=IntField, "
+                          f"found {found}")
+    if reader.num_samples == 0:
+        raise ConfigError(f"data.train_path: {path!r} contains no samples")
+
+
+def batches_per_rank(n: int, batch_size: int, world_size: int) -> int:
+    """Full batches per rank and epoch (drop_last); ConfigError if not even one global batch fits."""
+    batches = n // (batch_size * world_size)
+    if batches == 0:
+        raise ConfigError(f"data.batch_size: {batch_size} x {world_size} rank(s) is larger than the dataset ({n} "
+                          "images); lower data.batch_size")
+    return batches
+
+
+def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's sample order for ``epoch``: (batches_per_rank * batch_size,) int64 dataset indices.
+
+    A (seed, epoch)-seeded permutation of all ``n`` samples, cut to whole global batches, dealt to ranks
+    round-robin (rank r takes positions r, r + world_size, ...). Same formula as the torchvision loader's
+    ``EpochSampler``, so all loaders visit a dataset in the same order.
+    """
+    batches = batches_per_rank(n, batch_size, world_size)
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n, generator=g)[: batches * batch_size * world_size]
+    return perm[rank::world_size].numpy().astype(np.int64)
+
+
+def _make_order(seed: int, batch_size: int, rank: int, world_size: int, quasi: bool):
+    """An FFCV TraversalOrder (instance, bound to the loader when FFCV calls it) - see the module docstring."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ShardedOrder(TraversalOrder):
+        def __init__(self) -> None:  # deliberately not TraversalOrder.__init__: FFCV binds the loader via __call__
+            self.start = 0
+
+        def __call__(self, loader) -> ShardedOrder:
+            super().__init__(loader)
+            n = len(self.indices)
+            self.batches = batches_per_rank(n, batch_size, world_size)
+            self.sample_page = _first_page_of_samples(loader.memory_manager, n) if quasi else None
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            if quasi:
+                order = _quasi_random_order(self.sample_page, seed, epoch, batch_size, rank, world_size,
+                                            self.batches)
+            else:
+                order = shard_indices(len(self.indices), batch_size, seed, epoch, rank, world_size)
+            return self.indices[order[self.start * batch_size:]]
+
+    return ShardedOrder()
+
+
+def _first_page_of_samples(memory_manager, n: int) -> np.ndarray:
+    """(n,) int64: the first file page holding each sample's data."""
+    page = np.full(n, -1, dtype=np.int64)
+    for sid, pages in memory_manager.sample_to_pages.items():
+        page[int(sid)] = min(int(p) for p in pages)
+    return page
+
+
+def _quasi_random_order(sample_page: np.ndarray, seed: int, epoch: int, batch_size: int, rank: int,
+                        world_size: int, batches: int) -> np.ndarray:
+    """Page-local shuffle: random page order, samples shuffled within windows of pages, batches dealt to ranks.
+
+    A window spans enough pages for >= 8 global batches, which keeps class mixing per batch close to a full
+    shuffle on class-sorted files while reading the file in large sequential-ish chunks.
+    """
+    rng = np.random.default_rng([seed, epoch, 0x51])
+    pages, inverse = np.unique(sample_page, return_inverse=True)
+    page_rank = rng.permutation(len(pages))[inverse]  # position of each sample's page in the random page order
+    per_page = len(sample_page) / len(pages)
+    window = max(1, math.ceil(8 * batch_size * world_size / per_page))
+    # sort by (window of the page, random key): pages of one window are mixed together
+    order = np.lexsort((rng.random(len(sample_page)), page_rank // window))
+    glob = order[: batches * batch_size * world_size].reshape(batches * world_size, batch_size)
+    return glob[rank::world_size].reshape(-1)
+
+
+class FFCVLoader:
+    """Multi-crop batches from a ``.beton``; see the module docstring. Build with :func:`build_ffcv_loader`."""
+
+    def __init__(self, path: str, data_cfg: DataConfig, *, seed: int, rank: int, world_size: int,
+                 device: torch.device, flip: bool = True, batches_ahead: int = 3) -> None:
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader
+        from ffcv.pipeline import PipelineSpec
+
+        from pipeline.ffcv_decode import IndexDecoder, MultiCropDecoder
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"FFCVLoader: need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        check_beton(path)
+        views = data_cfg.expanded_views()
+        self.path, self.seed, self.device, self.n_global = path, seed, device, data_cfg.n_global
+        self.sizes = [v.size for v in views]
+        self.decoder = MultiCropDecoder(self.sizes, [v.scale for v in views], [v.ratio for v in views],
+                                        [v.flip_p if flip else 0.0 for v in views])
+        self.order = _make_order(seed, data_cfg.batch_size, rank, world_size, data_cfg.order == "quasi_random")
+        threads = min(max(1, data_cfg.workers), numba.config.NUMBA_NUM_THREADS)
+        torch_threads = torch.get_num_threads()
+        self.loader = Loader(
+            path, batch_size=data_cfg.batch_size, num_workers=threads, os_cache=data_cfg.os_cache,
+            order=self.order, distributed=False, seed=seed, drop_last=True, batches_ahead=batches_ahead,
+            pipelines={"image": PipelineSpec("image", decoder=self.decoder),
+                       "label": PipelineSpec("label", decoder=IntDecoder()),
+                       "index": PipelineSpec("label", decoder=IndexDecoder())},
+        )
+        torch.set_num_threads(torch_threads)  # FFCV's Compiler.set_num_threads also resized torch's pool
+        self._active = None
+
+    def __len__(self) -> int:
+        return self.order.batches
+
+    def close(self) -> None:
+        """Stop the background thread of an unfinished epoch (called automatically by the next ``epoch_iter``)."""
+        it, self._active = self._active, None
+        if it is None:
+            return
+        it.close()
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        while it.is_alive() and time.monotonic() < deadline:
+            try:  # drain: at the end of an epoch FFCV's thread does a blocking put() of its end marker
+                it.output_queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    def epoch_iter(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches ``start, start+1, ..., len(self)-1`` of ``epoch`` for this rank (decoding starts immediately)."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"epoch_iter: start must be in [0, {len(self)}], got {start}")
+        self.close()  # an unfinished previous epoch must not decode with the new epoch's key
+        self.order.start = start
+        self.loader.next_epoch = epoch
+        self.decoder.set_epoch(self.seed, epoch)
+        torch_threads = torch.get_num_threads()
+        self._active = iter(self.loader)
+        torch.set_num_threads(torch_threads)
+        return self._batches(self._active)
+
+    def _batches(self, it) -> Iterator[Batch]:
+        while (result := _next_result(it)) is not None:
+            images, labels, indices = result
+            views, status = split_views_checked(images, self.sizes, indices, self.path)
+            # labels/indices are copied (a few bytes); the views alias FFCV's ring buffer (see module docstring)
+            batch = Batch(views=views, labels=torch.from_numpy(labels.reshape(-1).copy()),
+                          indices=torch.from_numpy(indices.reshape(-1).copy()), n_global=self.n_global)
+            yield batch.to(self.device) if self.device.type != "cpu" else batch
+
+
+def _next_result(it):
+    """``EpochIterator.__next__`` that fails loudly instead of blocking forever when FFCV's thread dies.
+
+    Returns the tuple of pipeline outputs, or None at the end of the epoch.
+    """
+    from ffcv.loader.epoch_iterator import IS_CUDA
+
+    while True:
+        try:
+            item = it.output_queue.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not it.is_alive():
+                try:
+                    item = it.output_queue.get_nowait()  # the thread may have finished between the two checks
+                    break
+                except queue.Empty:
+                    raise RuntimeError("FFCV's decoding thread stopped before the end of the epoch (its traceback "
+                                       "is printed above)") from None
+    if item is None:
+        it.close()
+        return None
+    slot, result = item
+    if IS_CUDA:  # the batch was produced on a side stream (same as EpochIterator.__next__)
+        it.current_stream.wait_stream(it.cuda_streams[slot])
+    return result
+
+
+def split_views_checked(images: np.ndarray, sizes: list[int], indices: np.ndarray, path: str):
+    """:func:`split_views` plus a clear error when a JPEG of the batch could not be decoded."""
+    from pipeline.ffcv_decode import split_views
+
+    views, status = split_views(images, sizes)
+    if status.any():
+        bad = indices.reshape(-1)[status != 0].tolist()
+        raise RuntimeError(f"{path}: JPEG decoding failed for dataset indices {bad} (corrupt .beton? re-run "
+                           "convert_dataset.py)")
+    return views, status
+
+
+def build_ffcv_loader(data_cfg: DataConfig, *, seed: int, rank: int, world_size: int, device: torch.device,
+                      flip: bool = True, batches_ahead: int = 3) -> FFCVLoader:
+    """Build the FFCV multi-crop loader for ``data_cfg.train_path`` (a ``.beton``); see the module docstring.
+
+    Args:
+        data_cfg: data section of the config (path, batch size, workers, views, os_cache, order).
+        seed: base seed; order and crops are a function of (seed, epoch, index).
+        rank: this process's rank; world_size: number of ranks sharing the data.
+        device: where batches are delivered (CPU tensors alias FFCV buffers; CUDA gets a non-blocking copy).
+        flip: apply each view's horizontal flip in the loader (False: leave it to ``DeviceAugment(flip=True)``).
+        batches_ahead: batches decoded in advance (memory = (batches_ahead + 2) batch buffers).
+    """
+    return FFCVLoader(data_cfg.train_path, data_cfg, seed=seed, rank=rank, world_size=world_size, device=device,
+                      flip=flip, batches_ahead=batches_ahead)

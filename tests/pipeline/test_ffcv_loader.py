@@ -1,0 +1,226 @@
+"""FFCV multi-crop loader: write tiny .beton files, read them back through the loader, check the contract.
+
+Datasets: "constant" images (one colour per image, so every crop of a sample must have that colour - the decode-once
+check) and "gradient" images (R encodes x, G encodes y, so the crop box and flip can be read back from the pixels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv")
+
+from pipeline.ffcv_loader import _quasi_random_order, build_ffcv_loader, shard_indices  # noqa: E402
+from runtime.config import DataConfig, ViewConfig  # noqa: E402
+from runtime.config_loader import ConfigError  # noqa: E402
+
+N_IMAGES = 24
+CPU = torch.device("cpu")
+
+
+def colour_of(i: int) -> np.ndarray:
+    return np.array([(i * 37 + 20) % 256, (i * 91 + 50) % 256, (i * 13 + 90) % 256], dtype=np.uint8)
+
+
+class _ConstantImages:
+    """Image i: constant colour_of(i), size varies per image (non-square), label i % 3."""
+
+    def __len__(self) -> int:
+        return N_IMAGES
+
+    def __getitem__(self, i: int):
+        h, w = 48 + (i * 7) % 40, 64 + (i * 11) % 50
+        return np.broadcast_to(colour_of(i), (h, w, 3)).copy(), i % 3
+
+
+class _GradientImages:
+    """R = x, G = y (scaled to 0..255 across the image), B = 128; label 0."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int):
+        n = 160
+        ramp = np.linspace(0, 255, n).round().astype(np.uint8)
+        img = np.empty((n, n, 3), np.uint8)
+        img[..., 0], img[..., 1], img[..., 2] = ramp[None, :], ramp[:, None], 128
+        return img, 0
+
+
+def _write(path, dataset) -> str:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()}
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(dataset)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ffcv")
+    return {"constant": _write(root / "constant.beton", _ConstantImages()),
+            "gradient": _write(root / "gradient.beton", _GradientImages())}
+
+
+def _cfg(path: str, views: list[ViewConfig], batch_size: int = 4, order: str = "random") -> DataConfig:
+    return DataConfig(loader="ffcv", train_path=path, batch_size=batch_size, workers=2, views=views, order=order)
+
+
+def _small_dino() -> list[ViewConfig]:
+    return [ViewConfig("global", 2, 40, (0.25, 1.0)), ViewConfig("local", 6, 16, (0.05, 0.25))]
+
+
+def _epoch(loader, epoch: int, start: int = 0) -> list:
+    """Materialise an epoch (clone: batch tensors alias FFCV's ring buffer)."""
+    return [(torch.stack([v.float() for v in b.global_crops], 1).clone(), [v.clone() for v in b.views],
+             b.labels.clone(), b.indices.clone()) for b in loader.epoch_iter(epoch, start)]
+
+
+@pytest.fixture(scope="module")
+def dino_loader(betons):
+    return build_ffcv_loader(_cfg(betons["constant"], _small_dino()), seed=3, rank=0, world_size=1, device=CPU)
+
+
+def test_batches_labels_shapes_and_decode_once(dino_loader):
+    assert len(dino_loader) == N_IMAGES // 4
+    seen, n_batches = [], 0
+    for b in dino_loader.epoch_iter(0):  # streamed: views alias the loader's ring buffer
+        n_batches += 1
+        assert b.n_global == 2 and len(b.views) == 8
+        assert [tuple(v.shape) for v in b.views] == [(4, 3, 40, 40)] * 2 + [(4, 3, 16, 16)] * 6
+        assert all(v.dtype == torch.uint8 for v in b.views)
+        assert torch.equal(b.labels, b.indices % 3)
+        for k, idx in enumerate(b.indices.tolist()):
+            want = torch.from_numpy(colour_of(idx)).float()
+            for v in b.views:  # every crop of the sample comes from the same decoded image
+                pix = v[k].float().reshape(3, -1)
+                assert (pix - want[:, None]).abs().max() <= 8, (idx, pix.mean(1), want)
+        seen += b.indices.tolist()
+    assert n_batches == len(dino_loader)
+    assert sorted(seen) == list(range(N_IMAGES))  # one epoch = every sample once (24 = 6 full batches)
+
+
+def test_deterministic_and_resumable(dino_loader, betons):
+    first = _epoch(dino_loader, 0)
+    other = build_ffcv_loader(_cfg(betons["constant"], _small_dino()), seed=3, rank=0, world_size=1, device=CPU)
+    again = _epoch(other, 0)
+    for (_, va, la, ia), (_, vb, lb, ib) in zip(first, again, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(la, lb)
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    resumed = _epoch(dino_loader, 0, start=2)
+    assert [r[3].tolist() for r in resumed] == [f[3].tolist() for f in first[2:]]
+    assert all(torch.equal(x, y) for r, f in zip(resumed, first[2:]) for x, y in zip(r[1], f[1]))
+    next_epoch = _epoch(dino_loader, 1)
+    assert [b[3].tolist() for b in next_epoch] != [b[3].tolist() for b in first]
+
+
+def test_sharding_two_ranks(betons):
+    cfg = _cfg(betons["constant"], _small_dino(), batch_size=5)
+    ranks = [build_ffcv_loader(cfg, seed=1, rank=r, world_size=2, device=CPU) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == N_IMAGES // (5 * 2)
+    seen = [torch.cat([b.indices.clone() for b in ld.epoch_iter(4)]).tolist() for ld in ranks]
+    assert len(seen[0]) == len(seen[1]) == len(ranks[0]) * 5
+    assert not set(seen[0]) & set(seen[1])
+    assert seen == [shard_indices(N_IMAGES, 5, 1, 4, r, 2).tolist() for r in range(2)]
+
+
+def test_order_matches_torchvision_loader():
+    tv = pytest.importorskip("pipeline.torchvision_loader")
+    for rank in range(2):
+        sampler = tv.EpochSampler(50, 4, 7, rank, 2)
+        assert shard_indices(50, 4, 7, 3, rank, 2).tolist() == sampler.indices(3)
+
+
+def _boxes_from_gradient(view: torch.Tensor):
+    """Estimate crop width/height (source pixels) and flip from R (= x) and G (= y) of (B, 3, S, S) crops."""
+    v = view.float() * (159 / 255)
+    s = view.shape[-1]
+    dx = (v[:, 0, :, -1] - v[:, 0, :, 0]).mean(1) * s / (s - 1)  # signed: negative when flipped
+    dy = (v[:, 1, -1, :] - v[:, 1, 0, :]).mean(1) * s / (s - 1)
+    return dx.abs(), dy, dx < 0
+
+
+def test_crops_keep_aspect_ratio_jitter_and_flip(betons):
+    views = [ViewConfig("global", 2, 48, (0.3, 1.0)), ViewConfig("local", 2, 32, (0.1, 0.3))]
+    cfg = _cfg(betons["gradient"], views, batch_size=8)
+    log_ratios, flips = [], []
+    for flip in (True, False):
+        loader = build_ffcv_loader(cfg, seed=0, rank=0, world_size=1, device=CPU, flip=flip)
+        for epoch in range(3):
+            for b in loader.epoch_iter(epoch):
+                for v in b.views:
+                    w, h, flipped = _boxes_from_gradient(v)
+                    if flip:
+                        log_ratios.append(torch.log(w / h))
+                    flips.append((flip, flipped))
+    lr = torch.cat(log_ratios)
+    lo, hi = np.log(3 / 4), np.log(4 / 3)
+    assert lr.min() > lo - 0.1 and lr.max() < hi + 0.1  # ratios stay in the configured range
+    assert (lr.abs() > 0.12).float().mean() > 0.3, lr  # and are not all square (the FFCV-SSL fork bug)
+    on = torch.cat([f for k, f in flips if k])
+    off = torch.cat([f for k, f in flips if not k])
+    assert 0.25 < on.float().mean() < 0.75 and not off.any()
+
+
+def test_ressl_five_sizes(betons):
+    views = [ViewConfig("global", 1, s, (0.2, 1.0)) for s in (224, 192)] + \
+        [ViewConfig("local", 1, s, (0.05, 0.3)) for s in (160, 128, 96)]
+    loader = build_ffcv_loader(_cfg(betons["constant"], views, batch_size=6), seed=0, rank=0, world_size=1,
+                               device=CPU)
+    b = next(iter(loader.epoch_iter(0)))
+    assert [tuple(v.shape) for v in b.views] == [(6, 3, s, s) for s in (224, 192, 160, 128, 96)]
+    assert b.n_global == 2
+    loader.close()
+
+
+def test_jit_off_matches_jit_on(betons, dino_loader):
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    try:
+        loader = build_ffcv_loader(_cfg(betons["constant"], _small_dino()), seed=3, rank=0, world_size=1,
+                                   device=CPU)
+    finally:
+        Compiler.set_enabled(True)
+    off = _epoch(loader, 0, start=len(loader) - 2)
+    on = _epoch(dino_loader, 0, start=len(loader) - 2)
+    for (_, va, _, ia), (_, vb, _, ib) in zip(off, on, strict=True):
+        assert torch.equal(ia, ib)
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+
+
+def test_quasi_random_order_is_page_local_and_sharded():
+    pages = np.repeat(np.arange(40), 25)  # 1000 samples on 40 pages
+    orders = [_quasi_random_order(pages, seed=0, epoch=2, batch_size=10, rank=r, world_size=2, batches=50)
+              for r in range(2)]
+    assert len(orders[0]) == len(orders[1]) == 500
+    assert not set(orders[0]) & set(orders[1]) and len(set(orders[0]) | set(orders[1])) == 1000
+    # window = ceil(8 * 10 * 2 / 25) = 7 pages: a global batch never mixes more than 2 windows of pages
+    assert max(len(set(pages[orders[0][i:i + 10]])) for i in range(0, 500, 10)) <= 14
+    again = _quasi_random_order(pages, seed=0, epoch=2, batch_size=10, rank=0, world_size=2, batches=50)
+    assert np.array_equal(orders[0], again)
+    assert not np.array_equal(orders[0], _quasi_random_order(pages, 0, 3, 10, 0, 2, 50))
+
+
+def test_quasi_random_loader_shards(betons):
+    cfg = _cfg(betons["constant"], _small_dino(), batch_size=3, order="quasi_random")
+    seen = [torch.cat([b.indices.clone() for b in build_ffcv_loader(cfg, seed=0, rank=r, world_size=2,
+                                                                     device=CPU).epoch_iter(0)]).tolist()
+            for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 12 and sorted(seen[0] + seen[1]) == list(range(N_IMAGES))
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, betons):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_ffcv_loader(_cfg(str(tmp_path / "missing.beton"), _small_dino()), seed=0, rank=0, world_size=1,
+                          device=CPU)
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(b"not a beton file" * 10)
+    with pytest.raises(ConfigError, match="not a readable FFCV"):
+        build_ffcv_loader(_cfg(str(junk), _small_dino()), seed=0, rank=0, world_size=1, device=CPU)
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_ffcv_loader(_cfg(betons["constant"], _small_dino(), batch_size=64), seed=0, rank=0, world_size=1,
+                          device=CPU)
