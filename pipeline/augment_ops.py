@@ -9,9 +9,15 @@ Every op works on a whole batch at once on whatever device the batch lives on. C
 
 Semantics follow torchvision's *float tensor* functional ops (``torchvision.transforms.functional``): every colour
 op clamps to ``[0, 1]``, grayscale uses ITU-R 601 luma weights (0.2989, 0.587, 0.114), contrast blends with the mean
-luma of the image at that point, hue is an HSV rotation. :func:`jitter_matrices` is the fast alternative that
-composes brightness/contrast/saturation/hue into one per-sample affine colour map (see its docstring for how it
-deviates).
+luma of the image at that point, hue is an HSV rotation.
+
+Three formulations of the random-order ColorJitter:
+
+* :func:`color_jitter_exact` - eager reference: samples regrouped per op position, each op run once per pixel.
+* :func:`color_jitter_pointwise` - the same result as a per-pixel function on R, G, B planes (plus one reduction for
+  contrast), for ``torch.compile`` to fuse into two loops.
+* :func:`jitter_matrices` + :func:`apply_color_matrix_u8` - the fast approximation: one per-sample affine colour map
+  (hue as a rotation about the grey axis, clamping only at the end); see :func:`jitter_matrices` for the deviation.
 """
 
 from __future__ import annotations

@@ -17,9 +17,11 @@ Design decisions:
 * Colour jitter has two implementations (``ViewConfig.jitter_impl``): ``"exact"`` (torchvision float semantics,
   HSV hue) and ``"fused"`` (one per-sample affine colour map, grayscale folded in, applied straight from uint8 in
   one batched matmul); see :func:`pipeline.augment_ops.jitter_matrices` for the deviation.
-* ``compile=True`` wraps the elementwise stages (uint8 -> float + fused colour map, and solarize + normalise + cast +
-  layout) in ``torch.compile`` so each becomes one fused kernel; blur (a conv) and the exact jitter (data-dependent
-  regrouping) stay eager.
+* ``compile=True`` runs the elementwise stages through ``torch.compile`` with fixed shapes and per-sample masks
+  instead of host-side subsets: [flip] + uint8 -> float + jitter + grayscale becomes one fused loop (fused path) or
+  two (exact path: :func:`pipeline.augment_ops.color_jitter_pointwise`), and solarize + normalise + cast + layout one
+  more. Blur (a grouped conv) stays eager on the selected subset. Each (view size, stack size, optional-op pattern)
+  compiles once (~10-30 s per graph on a CPU, paid at the first batches).
 
 Seeding under DDP: pass a different ``seed`` per rank (e.g. ``seed + rank``) or every rank augments identically.
 """

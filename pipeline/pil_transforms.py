@@ -13,7 +13,8 @@ One transform per view (``DataConfig.expanded_views()``), in the DINO/BYOL order
 Randomness comes from torch's global RNG (``torch.rand``), which the loader reseeds per sample, so results do not
 depend on the number of workers. Blur/solarize follow DINO's ``GaussianBlur``/``Solarization`` semantics (PIL
 ``ImageFilter.GaussianBlur(radius=sigma)``, whose radius is the Gaussian's standard deviation, and
-``ImageOps.solarize(threshold=128)``, which inverts pixels >= 128).
+``ImageOps.solarize(threshold=128)``, which inverts pixels >= 128). A view with ``blur_kernel > 0`` uses
+torchvision's ``GaussianBlur(blur_kernel, blur_sigma)`` instead, as the SimCLR-style repositories do.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def build_pil_view_transform(
         ops.append(T.RandomApply([T.ColorJitter(*strengths)], p=view.jitter_p))
     if view.grayscale_p > 0:
         ops.append(T.RandomGrayscale(p=view.grayscale_p))
-    if view.blur_p > 0:
+    if view.blur_p > 0 and view.blur_kernel > 0:  # torchvision's fixed-size kernel (SimCLR / MV-MR style)
+        ops.append(T.RandomApply([T.GaussianBlur(view.blur_kernel, tuple(view.blur_sigma))], p=view.blur_p))
+    elif view.blur_p > 0:  # DINO style: PIL's Gaussian, support follows sigma
         ops.append(RandomGaussianBlurPIL(view.blur_p, tuple(view.blur_sigma)))
     if view.solarize_p > 0:
         ops.append(RandomSolarizePIL(view.solarize_p))

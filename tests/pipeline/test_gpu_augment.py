@@ -336,15 +336,13 @@ def test_samples_and_views_get_independent_parameters(impl):
 
 @pytest.mark.parametrize("impl", ["fused", pytest.param("exact", marks=pytest.mark.slow)])
 def test_compiled_equals_eager(impl):
-    views = [dataclasses.replace(v, jitter_impl=impl) for v in dino_small(2)]
-    if impl == "exact":  # one view keeps the compile time down (the exact graph is the large one)
-        views = [dataclasses.replace(views[1], grayscale_p=0.5)]
+    """Cold inductor compile dominates (~15-30 s on 2 busy cores), so: one dtype/layout, few graphs."""
+    local = dataclasses.replace(dino_small(1)[2], jitter_impl=impl, grayscale_p=0.5, solarize_p=0.5)
+    views = [local] * (2 if impl == "fused" else 1)  # one stacked group: two compiled graphs
     batch = make_batch(views, 6, seed=8)
-    for dtype, cl in [(torch.float32, False), (torch.bfloat16, True)][: 1 if impl == "exact" else 2]:
-        eager = DeviceAugment(views, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), dtype, cl, seed=9, flip=True)
-        comp = DeviceAugment(views, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), dtype, cl, seed=9, flip=True, compile=True)
-        for x, y in zip(eager(batch).views, comp(batch).views):
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
-            torch.testing.assert_close(y.float(), x.float(), atol=tol, rtol=tol)
+    kw = dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), out_dtype=torch.float32, channels_last=True, seed=9)
+    eager = DeviceAugment(views, flip=True, **kw)(batch)
+    comp = DeviceAugment(views, flip=True, compile=True, **kw)(batch)
+    for x, y in zip(eager.views, comp.views):
+        assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)

@@ -49,6 +49,8 @@ def test_dino_recipe_order_and_parameters():
     assert rrc.size == (224, 224) and rrc.scale == g1.scale and rrc.interpolation == T.InterpolationMode.BICUBIC
     assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue == (-0.1, 0.1)
     assert blur.p == 1.0 and blur.sigma == (0.1, 2.0)
+    fixed = build_pil_view_transform(dataclasses.replace(g1, blur_kernel=23)).transforms[4]
+    assert fixed.p == 1.0 and fixed.transforms[0].kernel_size == (23, 23)
     crop_only = build_pil_view_transform(local, crop_only=True).transforms
     assert [type(t).__name__ for t in crop_only] == ["RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor"]
     with pytest.raises(ValueError, match="interpolation"):
