@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 #: representation name -> the factor the official code divides it by before dCor
 CODE_SCALE: dict[str, float] = {
@@ -85,19 +86,45 @@ def local_std(x: torch.Tensor, kernel: int = 3, eps: float = 1e-8) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- batch augmentation
+def finite_adjust_hue(x: torch.Tensor, hue_factor: float) -> torch.Tensor:
+    """torchvision ``adjust_hue`` with its 0 * inf singularity resolved to its limit.
+
+    On *normalised* images (negative values) a pixel whose largest channel is exactly 0 while another is negative
+    gets saturation ``(max - min) / max = inf`` and comes out NaN; with bf16 views and bilinear crops such pixels do
+    occur (about one step in twenty in the demo), and the NaN then spreads over the image (contrast uses its mean) and
+    into the loss. The official run used fp16 AMP, whose GradScaler silently skips such a step. The value there is
+    ``v * (...)`` with ``v = max = 0``, i.e. 0 for every finite saturation, so NaN -> 0 is the continuous extension.
+    """
+    out = TF.adjust_hue(x, hue_factor)
+    return torch.where(torch.isnan(out), torch.zeros_like(out), out)
+
+
+class BatchColorJitter(T.ColorJitter):
+    """``T.ColorJitter`` (same parameter draws, same random order, same ops) with :func:`finite_adjust_hue`."""
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        order, *factors = self.get_params(self.brightness, self.contrast, self.saturation, self.hue)
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, finite_adjust_hue)
+        for i in order.tolist():
+            if factors[i] is not None:
+                img = ops[i](img, factors[i])
+        return img
+
+
 def batch_augment_transform(size: int) -> T.Compose:
     """The official ``full_img_augment`` transform: torchvision v1 ops on a 4-D tensor, so every random parameter is
     drawn once for the whole batch. Applied to the *normalised* image (ColorJitter clamps float images to [0, 1]).
 
     RandomResizedCrop(size, scale 0.08-1, bilinear) -> flip 0.5 -> ColorJitter(0.8, 0.8, 0.8, 0.2) p0.8 ->
-    grayscale p0.2 -> GaussianBlur(kernel 2*int(0.05*size)+1, sigma U(0.1, 2)) always.
+    grayscale p0.2 -> GaussianBlur(kernel 2*int(0.05*size)+1, sigma U(0.1, 2)) always. The only change to the
+    official transform is :class:`BatchColorJitter` (hue NaN -> 0, see :func:`finite_adjust_hue`).
     """
     blur = 2 * int(0.05 * size) + 1
     return T.Compose([
         # torchvision 0.13 (official) did not antialias tensors; the crop is only ever upsampled here anyway
         T.RandomResizedCrop(size, antialias=False),
         T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        T.RandomApply([BatchColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.GaussianBlur(kernel_size=blur),
     ])

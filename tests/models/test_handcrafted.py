@@ -7,12 +7,16 @@ import math
 
 import pytest
 import torch
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from models.handcrafted import (
     CODE_SCALE,
+    BatchColorJitter,
     HandcraftedRepresentations,
     augment_seed,
     batch_augment_transform,
+    finite_adjust_hue,
     hog_features,
     local_std,
 )
@@ -111,11 +115,29 @@ def test_augment_is_the_official_torchvision_transform_seeded_by_step():
     before = torch.random.get_rng_state()
     got = reps(x, step=7)["full_img_augment"]
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG stream is untouched
+    official = T.Compose([  # torchvision exactly as the official code builds it
+        T.RandomResizedCrop(32, antialias=False), T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2),
+        T.GaussianBlur(kernel_size=2 * int(0.05 * 32) + 1)])
     torch.manual_seed(augment_seed(5, 7))
-    ref = batch_augment_transform(32)(x)
-    assert torch.equal(got, ref)
+    assert torch.equal(got, official(x))
+    for step in range(8):  # every branch of the random order / RandomApply
+        torch.manual_seed(augment_seed(5, step))
+        assert torch.equal(reps(x, step)["full_img_augment"], official(x))
     assert torch.equal(reps(x, step=7)["full_img_augment"], got)  # a pure function of (seed, step)
     assert not torch.equal(reps(x, step=8)["full_img_augment"], got)
+
+
+def test_hue_singularity_of_normalised_images_is_resolved_to_zero():
+    x = torch.tensor([[-1.29, 0.0, -1.18], [0.3, -0.2, 0.1]]).T.reshape(1, 3, 1, 2)  # pixel 0: max channel exactly 0
+    raw = TF.adjust_hue(x, 0.12)
+    assert torch.isnan(raw[..., 0]).all()  # torchvision: saturation (max - min) / max = inf -> NaN
+    fixed = finite_adjust_hue(x, 0.12)
+    assert torch.equal(fixed[..., 0], torch.zeros(1, 3, 1)) and torch.equal(fixed[..., 1], raw[..., 1])
+    jitter = BatchColorJitter(0.8, 0.8, 0.8, 0.2)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        assert torch.isfinite(jitter(x)).all()
 
 
 def test_augment_draws_once_for_the_whole_batch():
