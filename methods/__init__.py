@@ -22,5 +22,7 @@ from methods import scfs  # noqa: E402,F401
 from methods import ressl  # noqa: E402,F401
 from methods import resa  # noqa: E402,F401
 from methods import mvmr  # noqa: E402,F401
+from methods import intl  # noqa: E402,F401
+from methods import cw_rgp  # noqa: E402,F401
 
 __all__ = ["METHODS", "SSLMethod", "StepContext", "StepOutput", "build_method", "register_method"]
