@@ -1,0 +1,88 @@
+"""Side-by-side measurement of the training-step options on one machine, in one run.
+
+    python -m runtime.fast_step_bench --method dino --config configs/exp/dino_demo.yaml --steps 10 --rounds 3
+
+Runs the model step only (forward, backward, optimizer, EMA, loss state) on a cached augmented batch for each variant:
+eager fp32 (NCHW), + channels-last, + bf16 autocast, + torch.compile of the backbone. Variants are interleaved over
+``--rounds`` rounds and the median is kept, because this machine is shared and noisy; ratios are to eager fp32.
+Compilation / warm-up time is reported separately and excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from methods import StepContext
+from runtime.config import load_config
+
+VARIANTS = {
+    "eager fp32": dict(precision="fp32", channels_last=False, compile=False),
+    "channels-last fp32": dict(precision="fp32", channels_last=True, compile=False),
+    "channels-last bf16": dict(precision="bf16", channels_last=True, compile=False),
+    "compile + channels-last + bf16": dict(precision="bf16", channels_last=True, compile=True),
+}
+
+
+def _trainer(cfg, **model_opts):
+    from runtime.trainer import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    for k, v in model_opts.items():
+        setattr(cfg.model, k, v)
+    cfg.train.resume = ""
+    return Trainer(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True)
+    p.add_argument("--config", action="append", default=[])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", default=None)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    cfg = load_config(args.method, args.config, args.overrides + ["train.tensorboard=false"])
+    trainers = {name: _trainer(cfg, **opts) for name, opts in VARIANTS.items()}
+    first = next(iter(trainers.values()))
+    raw = next(first.loader.epoch_iter(0, 0))
+    ctx = StepContext(0, 0, first.steps_per_epoch, first.total_steps)
+    warm, times = {}, {name: [] for name in trainers}
+    for name, t in trainers.items():
+        batch = raw if t.augment is None else t.augment(raw.to(t.device), step=0)
+        t._bench_batch = batch
+        t0 = time.perf_counter()
+        for _ in range(2):
+            t.train_step(batch, ctx)
+        warm[name] = time.perf_counter() - t0
+    for _ in range(args.rounds):
+        for name, t in trainers.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                t.train_step(t._bench_batch, ctx)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    base = statistics.median(times["eager fp32"])
+    b = cfg.data.batch_size
+    print(f"\nmodel step only: method={cfg.method} backbone={cfg.model.backbone} batch={b} "
+          f"views={'+'.join(f'{v.count}x{v.size}' for v in cfg.data.views)} threads={torch.get_num_threads()}")
+    print(f"{'variant':<34}{'ms/step':>9}{'images/s':>10}{'vs eager fp32':>15}{'warm-up s':>11}")
+    result = {}
+    for name in trainers:
+        med = statistics.median(times[name])
+        result[name] = {"ms_per_step": 1e3 * med, "images_per_s": b / med, "speedup": base / med,
+                        "warmup_s": warm[name], "all_ms": [1e3 * x for x in times[name]]}
+        print(f"{name:<34}{1e3 * med:>9.1f}{b / med:>10.1f}{base / med:>14.2f}x{warm[name]:>11.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
