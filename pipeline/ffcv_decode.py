@@ -34,7 +34,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
-from numba import njit, uint64
+from numba import njit, prange, uint64
 from numba.experimental import jitclass
 
 from pipeline.crops import sample_rrc_nb
@@ -43,8 +43,9 @@ _LIB = ctypes.CDLL(_libffcv.__file__)
 _memcpy_c = _LIB.my_memcpy  # (source, destination, n_bytes); callable from numba and from Python
 _memcpy_c.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
 _memcpy_c.restype = None
-# Called directly as ctypes functions (numba compiles ctypes calls natively): wrapping FFCV's Python helpers in
-# per-loader numba dispatchers instead trips a numba dispatcher-bookkeeping KeyError when a second loader compiles.
+# Called directly as ctypes functions (numba compiles ctypes calls natively); FFCV's Python wrappers would need a
+# numba dispatcher each, and calling one dispatcher with literal arguments from a second loader's code trips a
+# numba overload-bookkeeping KeyError.
 # imdecode (libjpeg-turbo): (src, src_size, h, w, dst, crop_h, crop_w, off_x, off_y, scale_num, scale_den, crop, flip)
 _imdecode_c = _LIB.imdecode
 _imdecode_c.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
@@ -55,6 +56,7 @@ _resize_c = _LIB.resize  # OpenCV INTER_AREA: (0, src, src_h, src_w, row0, row1,
 _resize_c.argtypes = [ctypes.c_int64] * 11
 _resize_c.restype = None
 
+_JPG = IMAGE_MODES["jpg"]
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _VIEW_STEP = np.uint64(0xD1B54A32D192ED03)
 
@@ -167,51 +169,77 @@ class MultiCropDecoder(Operation):
         )
 
     def generate_code(self) -> Callable:
+        """Per-loader glue (serial, compiles in well under a second): look up each sample's bytes, then call the
+        process-wide parallel kernel :func:`decode_multicrop` (compiled once per process, whatever the loader)."""
         mem_read = self.memory_read
-        my_range = Compiler.get_iterator()
-        imdecode_c, resize_c = _imdecode_c, _resize_c
+        kernel = decode_multicrop if Compiler.is_enabled else decode_multicrop.py_func
         memcpy_c = _memcpy_c
-        sample_rrc, rng_cls, flip_c, vkey = sample_rrc_nb, CounterRNG, hflip_inplace, view_key
-        jpg = IMAGE_MODES["jpg"]
         sizes, scales, ratios, flip_ps, offsets = self.sizes, self.scales, self.ratios, self.flip_ps, self.offsets
-        n_views, total = len(sizes), self.total_bytes
         key_addr = self.key_block.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             count = len(batch_indices)
-            flat = destination.reshape(-1)
+            addrs, nbytes = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+            modes, heights = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+            widths = np.empty(count, dtype=np.int64)
+            for k in range(count):
+                field = metadata[batch_indices[k]]
+                data = mem_read(field["data_ptr"], storage_state)
+                addrs[k], nbytes[k] = data.ctypes.data, data.size
+                modes[k], heights[k], widths[k] = field["mode"], field["height"], field["width"]
             ekey = np.zeros(1, dtype=np.uint64)
             memcpy_c(key_addr, ekey.ctypes.data, 8)
-            for k in my_range(count):
-                source_ix = batch_indices[k]
-                field = metadata[source_ix]
-                image_data = mem_read(field["data_ptr"], storage_state)
-                height, width = np.int64(field["height"]), np.int64(field["width"])
-                status = 0
-                if field["mode"] == jpg:
-                    temp = temp_storage[k]
-                    res = imdecode_c(image_data.ctypes.data, image_data.size, height, width, temp.ctypes.data, height,
-                                     width, 0, 0, 1, 1, False, False)
-                    status = 1 if res < 0 else 0
-                    img = temp.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
-                else:
-                    img = image_data.reshape(height, width, 3)
-                flat[count * total + k] = status
-                for v in range(n_views):
-                    rng = rng_cls(np.uint64(vkey(ekey[0], np.uint64(source_ix), np.uint64(v))))  # JIT off: int -> u64
-                    top, left, ch, cw = sample_rrc(height, width, (scales[v, 0], scales[v, 1]),
-                                                   (ratios[v, 0], ratios[v, 1]), rng)
-                    s = sizes[v]
-                    start = count * offsets[v] + k * 3 * s * s
-                    out = flat[start: start + 3 * s * s].reshape(s, s, 3)
-                    resize_c(0, img.ctypes.data, height, width, top, top + ch, left, left + cw, out.ctypes.data, s, s)
-                    if rng.random() < flip_ps[v]:
-                        flip_c(out)
+            kernel(addrs, nbytes, modes, heights, widths, batch_indices, destination, temp_storage,
+                   ekey[0], sizes, scales, ratios, flip_ps, offsets)
             return destination
 
-        decode.is_parallel = True
         return decode
+
+
+@njit(parallel=True, nogil=True)
+def decode_multicrop(addrs, nbytes, modes, heights, widths, sample_ids, destination, temp_storage, ekey, sizes,
+                     scales, ratios, flip_ps, offsets):
+    """Decode B images once each and write all their crops into ``flat`` (view-major, see the module docstring).
+
+    Args:
+        addrs, nbytes: (B,) int64 address and size of each sample's stored bytes (JPEG or raw HWC pixels).
+        modes, heights, widths: (B,) int64 FFCV image mode (0 = jpg, 1 = raw) and stored size.
+        sample_ids: (B,) dataset indices (select the random streams).
+        destination: (B, total + 1) uint8 output; temp_storage: (B, max_h * max_w * 3) uint8 decode scratch.
+        ekey: uint64 epoch key (:func:`epoch_key`).
+        sizes, scales, ratios, flip_ps, offsets: per-view recipe and per-sample byte offsets.
+
+    No argument may be a 1-D uint8 array: FFCV's ``OSCacheManager.state_type`` sets ``mutable = False`` on numba's
+    interned ``uint8[::1]`` type every time a loader is built, which changes the hash of that type and corrupts the
+    overload table of any dispatcher keyed on it (KeyError when the next loader compiles its glue).
+    """
+    count = len(sample_ids)
+    flat = destination.reshape(-1)
+    total = 0
+    for v in range(len(sizes)):
+        total += 3 * sizes[v] * sizes[v]
+    for k in prange(count):
+        height, width = int(heights[k]), int(widths[k])  # int(): Python ints for ctypes when the JIT is off
+        src = int(addrs[k])
+        status = 0
+        if modes[k] == _JPG:
+            temp = temp_storage[k]
+            res = _imdecode_c(src, int(nbytes[k]), height, width, temp.ctypes.data, height, width, 0, 0, 1, 1,
+                              False, False)
+            status = 1 if res < 0 else 0
+            src = temp.ctypes.data
+        flat[count * total + k] = status
+        for v in range(len(sizes)):
+            rng = CounterRNG(np.uint64(view_key(ekey, np.uint64(sample_ids[k]), np.uint64(v))))  # np.uint64: JIT off
+            top, left, ch, cw = sample_rrc_nb(height, width, (scales[v, 0], scales[v, 1]), (ratios[v, 0], ratios[v, 1]),
+                                              rng)
+            s = sizes[v]
+            start = count * offsets[v] + k * 3 * s * s
+            out = flat[start: start + 3 * s * s].reshape(s, s, 3)
+            _resize_c(0, src, height, width, top, top + ch, left, left + cw, out.ctypes.data, int(s), int(s))
+            if rng.random() < flip_ps[v]:
+                hflip_inplace(out)
 
 
 def split_views(buffer: np.ndarray, sizes: Sequence[int]) -> tuple[list[torch.Tensor], np.ndarray]:

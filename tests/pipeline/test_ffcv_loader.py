@@ -1,4 +1,4 @@
-"""FFCV multi-crop loader: write tiny .beton files, read them back through the loader, check the contract.
+"""FFCV multi-crop loader: convert tiny ImageFolders to .beton, read them back through the loader, check the contract.
 
 Datasets: "constant" images (one colour per image, so every crop of a sample must have that colour - the decode-once
 check) and "gradient" images (R encodes x, G encodes y, so the crop box and flip can be read back from the pixels).
@@ -6,9 +6,12 @@ check) and "gradient" images (R encodes x, G encodes y, so the crop box and flip
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("ffcv")
 
@@ -24,45 +27,50 @@ def colour_of(i: int) -> np.ndarray:
     return np.array([(i * 37 + 20) % 256, (i * 91 + 50) % 256, (i * 13 + 90) % 256], dtype=np.uint8)
 
 
-class _ConstantImages:
-    """Image i: constant colour_of(i), size varies per image (non-square), label i % 3."""
-
-    def __len__(self) -> int:
-        return N_IMAGES
-
-    def __getitem__(self, i: int):
+def write_constant_tree(root: Path) -> Path:
+    """ImageFolder: image i has the constant colour_of(i), a non-square size and class c{i % 3} (label i % 3)."""
+    for i in range(N_IMAGES):
         h, w = 48 + (i * 7) % 40, 64 + (i * 11) % 50
-        return np.broadcast_to(colour_of(i), (h, w, 3)).copy(), i % 3
+        path = root / f"c{i % 3}" / f"img{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.broadcast_to(colour_of(i), (h, w, 3)).copy()).save(path)
+    return root
 
 
-class _GradientImages:
-    """R = x, G = y (scaled to 0..255 across the image), B = 128; label 0."""
-
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, i: int):
-        n = 160
-        ramp = np.linspace(0, 255, n).round().astype(np.uint8)
-        img = np.empty((n, n, 3), np.uint8)
-        img[..., 0], img[..., 1], img[..., 2] = ramp[None, :], ramp[:, None], 128
-        return img, 0
+def write_gradient_tree(root: Path, n: int = 16) -> Path:
+    """ImageFolder of n identical 160 px images with R = x and G = y (scaled to 0..255), B = 128."""
+    ramp = np.linspace(0, 255, 160).round().astype(np.uint8)
+    img = np.empty((160, 160, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = ramp[None, :], ramp[:, None], 128
+    (root / "c0").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(img).save(root / "c0" / f"img{i:03d}.png")
+    return root
 
 
-def _write(path, dataset) -> str:
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+def source_ids(samples_tsv: str) -> np.ndarray:
+    """Dataset index -> the i of the source file img{i}.png, from the converter's samples.tsv."""
+    with open(samples_tsv) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f.readlines()[1:]]
+    ids = np.empty(len(rows), dtype=np.int64)
+    for index, _, path in rows:
+        ids[int(index)] = int(Path(path).stem[3:])
+    return ids
 
-    fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()}
-    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(dataset)
-    return str(path)
+
+def convert_quiet(src: Path, out: Path, fmt: str) -> None:
+    from pipeline.convert import convert
+
+    convert(str(src), str(out), fmt, workers=1, progress=False, log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
 def betons(tmp_path_factory):
     root = tmp_path_factory.mktemp("ffcv")
-    return {"constant": _write(root / "constant.beton", _ConstantImages()),
-            "gradient": _write(root / "gradient.beton", _GradientImages())}
+    convert_quiet(write_constant_tree(root / "constant"), root / "constant.beton", "ffcv")
+    convert_quiet(write_gradient_tree(root / "gradient"), root / "gradient.beton", "ffcv")
+    return {"constant": str(root / "constant.beton"), "gradient": str(root / "gradient.beton"),
+            "ids": source_ids(str(root / "constant.samples.tsv"))}
 
 
 def _cfg(path: str, views: list[ViewConfig], batch_size: int = 4, order: str = "random") -> DataConfig:
@@ -84,7 +92,7 @@ def dino_loader(betons):
     return build_ffcv_loader(_cfg(betons["constant"], _small_dino()), seed=3, rank=0, world_size=1, device=CPU)
 
 
-def test_batches_labels_shapes_and_decode_once(dino_loader):
+def test_batches_labels_shapes_and_decode_once(dino_loader, betons):
     assert len(dino_loader) == N_IMAGES // 4
     seen, n_batches = [], 0
     for b in dino_loader.epoch_iter(0):  # streamed: views alias the loader's ring buffer
@@ -92,12 +100,13 @@ def test_batches_labels_shapes_and_decode_once(dino_loader):
         assert b.n_global == 2 and len(b.views) == 8
         assert [tuple(v.shape) for v in b.views] == [(4, 3, 40, 40)] * 2 + [(4, 3, 16, 16)] * 6
         assert all(v.dtype == torch.uint8 for v in b.views)
-        assert torch.equal(b.labels, b.indices % 3)
-        for k, idx in enumerate(b.indices.tolist()):
-            want = torch.from_numpy(colour_of(idx)).float()
+        src = betons["ids"][b.indices.numpy()]
+        assert b.labels.tolist() == (src % 3).tolist()
+        for k, i in enumerate(src.tolist()):
+            want = torch.from_numpy(colour_of(i)).float()
             for v in b.views:  # every crop of the sample comes from the same decoded image
                 pix = v[k].float().reshape(3, -1)
-                assert (pix - want[:, None]).abs().max() <= 8, (idx, pix.mean(1), want)
+                assert (pix - want[:, None]).abs().max() <= 8, (i, pix.mean(1), want)
         seen += b.indices.tolist()
     assert n_batches == len(dino_loader)
     assert sorted(seen) == list(range(N_IMAGES))  # one epoch = every sample once (24 = 6 full batches)
