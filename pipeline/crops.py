@@ -25,9 +25,7 @@ from typing import Literal
 import numpy as np
 
 try:  # OpenCV is the fast path; PIL is the fallback (and the DINO reference kernel).
-    import cv2
-
-    cv2.setNumThreads(1)  # loader workers are the unit of parallelism; OpenCV's own pool would oversubscribe
+    import cv2  # loaders with many workers should call cv2.setNumThreads(1) in each worker (not done here: global)
 except ImportError:  # pragma: no cover - exercised only on machines without OpenCV
     cv2 = None
 

@@ -150,6 +150,7 @@ class DeviceAugment:
         self.bias = -torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1) * self.scale
         self.out_dtype, self.channels_last, self.flip, self.seed = out_dtype, channels_last, flip, seed
         self.generator = torch.Generator().manual_seed(seed)
+        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         groups: dict[tuple, list[int]] = {}
         for i, v in enumerate(self.views):
             groups.setdefault(_recipe_key(v), []).append(i)
@@ -162,6 +163,12 @@ class DeviceAugment:
             self._color = torch.compile(fused_color_stage, dynamic=False)
             self._color_exact = torch.compile(exact_color_stage, dynamic=False)
             self._finish = torch.compile(finish_stage, dynamic=False)
+
+    def _norm_consts(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalisation scale/bias on ``dev``, copied there once."""
+        if dev not in self._consts:
+            self._consts[dev] = (self.scale.to(dev), self.bias.to(dev))
+        return self._consts[dev]
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "seed": self.seed}
@@ -213,7 +220,7 @@ class DeviceAugment:
             size = ops.blur_kernel_size(view.blur_sigma[1], view.blur_kernel)
             with record_function("augment/blur"):
                 y = _on_subset(y, p.blur, lambda t, sel: ops.gaussian_blur(t, p.sigma[sel].to(dev), size))
-        scale, bias = self.scale.to(dev), self.bias.to(dev)
+        scale, bias = self._norm_consts(dev)
         sol = p.solarize if bool(p.solarize.any()) else None
         with record_function("augment/finish"):
             if self.compiled:  # fixed shapes: masks instead of subsets, fused into one kernel by inductor
