@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""[0] Convert one ImageFolder split to an FFCV .beton and/or DALI webdataset shards (engine: pipeline/convert.py).
+
+Examples::
+
+    python convert_dataset.py --src data/demo/train --out data/demo/ffcv/train.beton --format ffcv
+    python convert_dataset.py --src data/demo/val --out data/demo/ffcv/val.beton \\
+        --class-index data/demo/ffcv/train.classes.json
+    python convert_dataset.py --src data/demo/train --out data/demo/dali/train --format dali
+    python convert_dataset.py --src /datasets/imagenet/train --out /fast/in1k --format both   # -> in1k/{ffcv,dali}
+
+Exit codes: 0 = written or up to date, 1 = conversion error (message, no traceback), 2 = bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.convert import convert
+from pipeline.scan import ConvertError
+
+__all__ = ["convert", "main"]
+
+OUTPUTS_HELP = """\
+outputs (--out):
+  ffcv  X.beton (".beton" appended if missing) + X.classes.json, X.samples.tsv, X.report.json, X.manifest.json
+  dali  directory D: D/shard-NNNNNN.tar (webdataset: <key>.jpg, <key>.cls ASCII label, <key>.lbl int32 [label,
+        index]), D/shard-NNNNNN.idx (DALI wds2idx v1.2 index), D/classes.json, D/samples.tsv, D/manifest.json;
+        report D.report.json
+  both  root R: R/ffcv/<split>.beton (+ sidecars) and R/dali/<split>/, <split> = basename of --src
+Sample i is the same image in both formats (i-th surviving image, classes and files sorted); samples.tsv maps
+index -> label -> source path; classes.json holds class_to_idx (pass it as --class-index for the val split).
+Files appear under their final names only when complete; the manifest (settings + source fingerprint) is written
+last. Re-running over a complete, unchanged output does nothing unless --overwrite.
+
+bad inputs never abort the conversion and are never silent: grayscale, CMYK, palette, RGBA, 16-bit PNG/TIFF and
+WebP images are converted to 8-bit RGB; truncated/corrupt images, non-image files, unreadable files, duplicate
+entries, files outside class folders and empty class folders are skipped and listed with the reason in the report
+(--strict turns any skip into a failure before anything is written).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=OUTPUTS_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="ImageFolder split directory: <src>/<class>/<image>")
+    p.add_argument("--out", required=True, help="output path, see 'outputs' below")
+    p.add_argument("--format", default="ffcv", choices=["ffcv", "dali", "both"], help="output format (default ffcv)")
+    p.add_argument("--file-list", help="only convert these images: one path per line relative to --src "
+                                       "(<class>/<file>); classes = first path components in the list")
+    p.add_argument("--class-index", help="class_to_idx JSON to use (e.g. the train split's classes.json) so labels "
+                                         "agree across splits; class folders not in it are skipped")
+    p.add_argument("--max-side", type=int, default=512,
+                   help="shrink so the longer side is <= this (0 = no limit; never upscales). Default 512: a 4:3 "
+                        "ImageNet photo keeps its native ~500x375, so a 224 px global crop is not upscaled down "
+                        "to ~26%% of the image area (DINO global scale >= 0.25/0.4) and 96 px local crops down to "
+                        "~5%%. 256 stores ~2.5-3x fewer bytes and decodes faster, but then every 224 px global "
+                        "crop is upscaled (the short side is ~192). Measured on 400-500 px photo-like JPEGs: "
+                        "see the project README")
+    p.add_argument("--short-side", type=int, default=0,
+                   help="also shrink so the shorter side is <= this (0 = off), e.g. 288 to save bytes while keeping "
+                        "global crops of >= ~45%% area unscaled")
+    p.add_argument("--jpeg-quality", type=int, default=90,
+                   help="JPEG quality of re-encoded images (default 90, FFCV's ImageNet setting; 95 costs ~1.5x bytes)")
+    p.add_argument("--reencode", default="auto", choices=["auto", "always"],
+                   help="auto (default): keep a source JPEG byte for byte when it needs no resize/rotation and "
+                        "re-encoding would save < 10%% (no generation loss); always: re-encode everything")
+    p.add_argument("--no-exif-transpose", dest="exif_transpose", action="store_false",
+                   help="ignore EXIF orientation (torchvision's ImageFolder ignores it; default: apply it)")
+    p.add_argument("--shard-mb", type=float, default=256, help="dali: target tar shard size in MiB (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="dali: seed of the sample order inside the shards")
+    p.add_argument("-j", "--workers", type=int, default=0, help="decode/encode processes (default 0 = all cores)")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any input is skipped")
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if the output is up to date")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = convert(args.src, args.out, args.format, file_list=args.file_list, class_index=args.class_index,
+                          max_side=args.max_side, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
+                          reencode=args.reencode, exif_transpose=args.exif_transpose, shard_mb=args.shard_mb,
+                          seed=args.seed, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
+                          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    except ConvertError as e:
+        print(f"convert_dataset.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("convert_dataset.py: interrupted; no output was left under a final name", file=sys.stderr)
+        return 130
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""[0] Write prepared samples (:class:`pipeline.scan.SpooledSamples`) to an FFCV ``.beton`` with ffcv's writer.
+
+Format (ffcv 1.0.x ``.beton``, read by ``ffcv.loader.Loader`` / :mod:`pipeline.ffcv_loader`):
+
+* field ``image``: ``RGBImageField`` with ``write_mode='jpg'``; every sample is stored as one baseline 3-channel JPEG,
+  metadata ``(mode=jpg, width, height, data_ptr)``. The JPEG bytes are exactly the ones :func:`pipeline.scan.
+  prepare_image` produced (resized with Pillow bicubic, encoded once): ffcv's own ``RGBImageField.encode`` takes a
+  decoded array and would encode every image again with OpenCV (a second generation loss and time), so the field
+  instance gets an ``encode`` that copies the prepared bytes. The stored field type is still ``RGBImageField``
+  (type id 2), so any ffcv reader/decoder works unchanged.
+* field ``label``: ``IntField`` (int64 class index, see the ``classes.json`` written next to the file).
+* sample ``i`` is the ``i``-th surviving image in listing order (class folders sorted, files sorted), i.e. the
+  file is class-sorted; loaders shuffle by index. ``<name>.samples.tsv`` maps index -> label -> source path.
+"""
+
+from __future__ import annotations
+
+import _thread
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.scan import SpooledSamples
+
+MIN_PAGE = 1 << 21  # ffcv's minimum page size (2 MiB)
+MAX_DEFAULT_PAGE = 1 << 23  # ffcv's default page size (8 MiB)
+MAX_PAGE = 1 << 31
+WATCHDOG_GRACE_S = 30.0  # how long no writer process may be alive before the writer counts as hung
+
+
+@dataclass(frozen=True)
+class _StoredJPEG:
+    """A JPEG payload handed to the image field's ``encode``."""
+
+    data: bytes
+    height: int
+    width: int
+
+
+def _encode_stored_jpeg(destination: np.ndarray, value: _StoredJPEG, malloc: Any) -> None:
+    """``RGBImageField.encode`` replacement: store ``value.data`` verbatim with jpg-mode metadata."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    destination["mode"] = IMAGE_MODES["jpg"]
+    destination["height"], destination["width"] = value.height, value.width
+    destination["data_ptr"], storage = malloc(len(value.data))
+    storage[:] = np.frombuffer(value.data, dtype=np.uint8)
+
+
+class _SpoolDataset:
+    """Indexable (image, label) view of the spool for ``DatasetWriter.from_indexed_dataset`` (one handle/process)."""
+
+    def __init__(self, samples: SpooledSamples):
+        self.samples = samples
+        self._fh = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[_StoredJPEG, int]:
+        if self._fh is None:
+            self._fh = open(self.samples.spool_path, "rb")  # noqa: SIM115 - lives as long as the writer process
+        s = self.samples
+        return _StoredJPEG(s.read(i, self._fh), int(s.heights[i]), int(s.widths[i])), int(s.labels[i])
+
+
+def _page_size(max_bytes: int, total_bytes: int) -> int:
+    """ffcv's default 8 MiB pages for large files, down to its 2 MiB minimum for small ones (the last page of
+    the file is padded, so small datasets would otherwise grow by up to 8 MiB); larger only if one JPEG needs it."""
+    page = MIN_PAGE
+    while page < MAX_DEFAULT_PAGE and page < total_bytes // 64:
+        page *= 2
+    while page < max_bytes + 4096:
+        page *= 2
+    if page > MAX_PAGE:
+        raise ValueError(f"a stored JPEG of {max_bytes} bytes does not fit an ffcv page; lower --max-side")
+    return page
+
+
+class _ChildWatchdog:
+    """Interrupts the main thread if ffcv's writer processes all exit while the writer still waits for samples.
+
+    ``DatasetWriter`` polls a shared counter until every sample is done; if a worker dies (OOM kill, crash) that
+    loop would spin forever. The watchdog turns that into a KeyboardInterrupt, which the caller reports as an error.
+    """
+
+    def __init__(self, grace_s: float | None = None):
+        self.grace_s = WATCHDOG_GRACE_S if grace_s is None else grace_s
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        # Counted from the start: the writer spawns its processes right away, and a process may die before the
+        # first poll. After the processes finish normally the writer only writes two small tables and returns.
+        idle_since = time.monotonic()
+        while not self._stop.wait(0.2):
+            if multiprocessing.active_children():
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > self.grace_s:
+                self.fired = True
+                _thread.interrupt_main()
+                return
+
+    def __enter__(self) -> _ChildWatchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_beton(path: str, samples: SpooledSamples) -> None:
+    """Write ``samples`` to ``path`` (the caller passes a temporary name and renames it when this returns).
+
+    One ffcv writer process: the work is pure byte copying from the spool (disk-bound), and a single writer lays
+    samples out in index order, so the file is byte-for-byte reproducible and only its last page is padded.
+
+    Args:
+        path: output file (overwritten).
+        samples: prepared samples; ``len(samples) > 0``.
+
+    Raises:
+        RuntimeError: an ffcv writer process died before all samples were written.
+    """
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    image = RGBImageField(write_mode="jpg")
+    image.encode = _encode_stored_jpeg  # instance attribute: type(image) stays RGBImageField for the file header
+    writer = DatasetWriter(path, {"image": image, "label": IntField()},
+                           page_size=_page_size(int(samples.sizes.max()), int(samples.sizes.sum())), num_workers=1)
+    watchdog = _ChildWatchdog()
+    try:
+        with watchdog:
+            writer.from_indexed_dataset(_SpoolDataset(samples), chunksize=256)
+    except BaseException as e:
+        _cleanup_failed_writer(writer)
+        if isinstance(e, KeyboardInterrupt) and watchdog.fired:
+            raise RuntimeError(f"{path}: an ffcv writer process died before all samples were written") from None
+        raise
+
+
+def _cleanup_failed_writer(writer: Any) -> None:
+    """Stop ffcv's writer processes and free its shared-memory metadata block after a failure."""
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(5)
+    sm = getattr(writer, "metadata_sm", None)
+    if sm is not None and not isinstance(sm, int):
+        try:
+            sm.close()
+            sm.unlink()
+        except (FileNotFoundError, OSError):
+            pass
