@@ -24,6 +24,10 @@ Design decisions:
   compiles once (~10-30 s per graph on a CPU, paid at the first batches).
 
 Seeding under DDP: pass a different ``seed`` per rank (e.g. ``seed + rank``) or every rank augments identically.
+
+Measured cost, DINO recipe (2 x 224 + 6 x 96, B = 64, bf16 channels-last out), one CPU thread, process time per
+batch: exact eager 1.06 s, fused eager 0.50 s, exact compiled 0.58 s, fused compiled 0.31 s. Eagerly the exact
+jitter is ~63% of the exact path; blur (~0.2 s, common to all paths) dominates the compiled ones.
 """
 
 from __future__ import annotations
