@@ -1,0 +1,343 @@
+"""Loader benchmark: ``python -m pipeline.bench`` - torchvision baseline vs FFCV vs DALI on the same data.
+
+What it measures, in one process, for two recipes:
+
+* ``crop``: decode + multi-crop (+ flip) only; the loaders deliver uint8 crops. Baseline = torchvision ImageFolder +
+  PIL decode/crop/flip in DataLoader workers.
+* ``full``: the DINO recipe (2 x 224 + N x 96, colour jitter, grayscale, blur, solarize, normalise). Baseline = the
+  official repos' way, every op in PIL per image in DataLoader workers. FFCV and DALI deliver crops and
+  ``DeviceAugment`` does the colour ops batched on the device (the CPU here). An extra ``torchvision+devaug`` row
+  shows the torchvision loader with the same device-side augmentation.
+
+Columns: images/s (one image = all its crops; median over timed epochs after ``--warmup-epochs``), ratio to the
+baseline of the same recipe, ratio to the JPEG decode ceiling, time to the first batch (includes JIT compilation),
+and the peak memory (PSS of the process and its worker processes while that loader ran; PSS counts shared pages
+once). The decode ceiling is plain full-image decoding of the stored (converted) JPEGs with libjpeg-turbo
+(OpenCV or Pillow, whichever is faster) in one process per core: no crop, no resize, no copy into batches.
+
+Data (``--data-dir D``): ``D/train`` is an ImageFolder of the original JPEGs (what the baseline reads, as the
+official repos do), ``D/ffcv/train.beton`` and ``D/dali/train/`` are written by ``pipeline.convert`` (pre-resized,
+``--max-side``). ``--generate N`` first creates N ImageNet-like JPEGs (~430 px, quality 90, textured) in ``D/train``
+and converts them (both steps are skipped when already done).
+
+Allocator: glibc's defaults make large batched tensor ops on the CPU page-fault heavily; unless
+``--no-malloc-env``, the benchmark re-executes itself with ``MALLOC_MMAP_THRESHOLD_=33554432`` and
+``MALLOC_TRIM_THRESHOLD_=4294967296`` (measured: system time 3.5 s -> 0.6 s and steadier epochs for the colour
+ops; see /work/shared/research/cpu_loader_measurements.md). Workers inherit the environment.
+
+Example (the README targets: full DINO recipe via FFCV >= 5x the baseline; decode+crop >= 50% of the ceiling)::
+
+    python -m pipeline.bench --data-dir data/bench --generate 2000 --batch-size 64 --workers 2 --epochs 3 \\
+        --json runs/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from runtime.config import DataConfig, dino_views
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+RECIPES = ("crop", "full")
+LOADERS = ("torchvision", "torchvision+devaug", "ffcv", "dali")
+
+
+# ============ data: ImageNet-like JPEGs, conversion, decode ceiling ============
+
+
+def render_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8 photo-like texture: smooth colour field + mid-frequency blobs + stripes + sensor-like grain.
+
+    JPEG q90 files come out around 80-100 KB at 430 px, close to ImageNet's average, so entropy decoding (the bulk
+    of JPEG time) costs about what it costs on real photos; flat synthetic images would decode several times faster.
+    """
+    from PIL import Image
+
+    img = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC),
+                     dtype=np.float32)
+    mid = (rng.normal(0, 1, (h // 8 + 1, w // 8 + 1, 3)) * 50 + 128).clip(0, 255).astype(np.uint8)
+    img += np.asarray(Image.fromarray(mid).resize((w, h), Image.BILINEAR), dtype=np.float32) - 128
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    fx, fy, phase = rng.uniform(0.02, 0.2), rng.uniform(0.02, 0.2), rng.uniform(0, 2 * np.pi)
+    img += 30 * np.sin(xx * fx + yy * fy + phase)[..., None]
+    img += rng.normal(0, 12, (h, w, 3)).astype(np.float32)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def _write_image(task: tuple[str, int, int]) -> None:
+    from PIL import Image
+
+    path, index, size = task
+    rng = np.random.default_rng(index)
+    h, w = (int(x) for x in rng.integers(int(size * 0.88), int(size * 1.12) + 1, 2))
+    Image.fromarray(render_texture(rng, h, w)).save(path, quality=90)
+
+
+def ensure_bench_data(root: str, generate: int, size: int, max_side: int, workers: int) -> dict[str, str]:
+    """Generate (if asked and missing) ``root/train`` and convert it to ``root/ffcv`` and ``root/dali``."""
+    folder = os.path.join(root, "train")
+    if generate > 0:
+        tasks = [(os.path.join(folder, f"class{i % 10:02d}", f"img{i:06d}.jpg"), i, size) for i in range(generate)]
+        for d in {os.path.dirname(t[0]) for t in tasks}:
+            os.makedirs(d, exist_ok=True)
+        todo = [t for t in tasks if not os.path.exists(t[0])]
+        if todo:
+            print(f"[bench] generating {len(todo)} JPEGs in {folder}", flush=True)
+            with multiprocessing.Pool(max(1, workers)) as pool:
+                pool.map(_write_image, todo, chunksize=16)
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--data-dir: {folder} does not exist (pass --generate N to create a dataset)")
+    from pipeline.convert import convert
+
+    convert(folder, root, "both", max_side=max_side, jpeg_quality=90, workers=max(1, workers), progress=False,
+            log=lambda msg: print(f"[bench] {msg}", flush=True))
+    return {"folder": folder, "ffcv": os.path.join(root, "ffcv", "train.beton"),
+            "dali": os.path.join(root, "dali", "train")}
+
+
+def stored_jpegs(paths: dict[str, str], limit: int = 4096) -> tuple[list[bytes], int]:
+    """Up to ``limit`` converted (pre-resized) JPEGs - what the FFCV and DALI loaders decode - and the dataset size."""
+    from pipeline.dali_loader import ShardIndex
+
+    index = ShardIndex(paths["dali"])
+    return [index.jpeg(i).tobytes() for i in range(min(limit, len(index)))], len(index)
+
+
+def _decode_worker(args: tuple[list[bytes], str, float]) -> tuple[int, float, int]:
+    """Decode ``jpegs`` in a loop for ``seconds`` (at least one pass); returns (images, seconds, pixels)."""
+    jpegs, decoder, seconds = args
+    if decoder == "opencv":
+        import cv2
+
+        cv2.setNumThreads(1)
+        decode = lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)  # noqa: E731
+    else:
+        from PIL import Image
+
+        decode = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))  # noqa: E731
+    n, pixels, t0 = 0, 0, time.perf_counter()
+    while n < len(jpegs) or time.perf_counter() - t0 < seconds:
+        img = decode(jpegs[n % len(jpegs)])
+        pixels += img.shape[0] * img.shape[1]
+        n += 1
+    return n, time.perf_counter() - t0, pixels
+
+
+def decode_ceiling(jpegs: list[bytes], processes: int, seconds: float) -> dict:
+    """Full-image JPEG decode rate of all cores (one process per core), best of OpenCV and Pillow."""
+    best = None
+    for decoder in ("opencv", "pillow"):
+        shares = [(jpegs[p::processes], decoder, seconds) for p in range(processes)]
+        with multiprocessing.Pool(processes) as pool:  # fork: runs before any loader thread exists
+            parts = pool.map(_decode_worker, shares)
+        rate = sum(n / t for n, t, _ in parts)
+        side = (sum(p for *_, p in parts) / sum(n for n, *_ in parts)) ** 0.5
+        if best is None or rate > best["img_s"]:
+            best = {"decoder": decoder, "img_s": rate, "processes": processes, "mean_side": side}
+    return best
+
+
+class PeakMemory:
+    """Context manager sampling the PSS (RSS when PSS is unavailable) of this process + its children every 0.25 s."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak_mib = interval, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    info = p.memory_full_info()
+                    total += getattr(info, "pss", info.rss)
+                except (psutil.Error, OSError):
+                    pass
+            self.peak_mib = max(self.peak_mib, total / 2**20)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ============ the benchmark ============
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="D with D/train (ImageFolder); converted data goes to D/ffcv, "
+                   "D/dali")
+    p.add_argument("--generate", type=int, default=0, help="create N ImageNet-like JPEGs in D/train first (0 = no)")
+    p.add_argument("--image-size", type=int, default=430, help="mean side of generated images (px)")
+    p.add_argument("--max-side", type=int, default=256, help="pre-resize when converting (px); 256 = FFCV's "
+                   "ImageNet setting (most 224 px global crops are then upscaled: the usual trade-off)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="loader workers/threads (use every core)")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader and recipe")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first (JIT, worker start-up)")
+    p.add_argument("--n-local", type=int, default=6, help="local 96 px crops (DINO: 6-10)")
+    p.add_argument("--sizes", default="224,96", help="global,local crop sides (smaller only for smoke tests)")
+    p.add_argument("--loaders", default=",".join(LOADERS), help=f"subset of {','.join(LOADERS)}")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="subset of crop,full")
+    p.add_argument("--jitter", choices=("exact", "fused"), default="exact", help="DeviceAugment colour jitter impl")
+    p.add_argument("--ceiling-seconds", type=float, default=3.0, help="duration of the decode-ceiling measurement")
+    p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--no-malloc-env", action="store_true", help="keep glibc's default malloc thresholds")
+    return p.parse_args(argv)
+
+
+def data_config(args: argparse.Namespace, kind: str, path: str, recipe: str) -> DataConfig:
+    """DataConfig of one table row; only the official ``torchvision`` full-recipe row augments in PIL."""
+    g, s = (int(x) for x in args.sizes.split(","))
+    views = [dataclasses.replace(v, size=g if v.role == "global" else s, jitter_impl=args.jitter)
+             for v in dino_views(n_local=args.n_local)]
+    loader = "torchvision" if kind.startswith("torchvision") else kind
+    return DataConfig(loader=loader, train_path=path, batch_size=args.batch_size, workers=args.workers,
+                      views=views, device_augment=(recipe == "crop" or kind != "torchvision"))
+
+
+def build(kind: str, cfg: DataConfig):
+    """The loader for a row of the table (all on the CPU, rank 0 of 1, seed 0)."""
+    kw = dict(seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    if kind.startswith("torchvision"):
+        from pipeline.torchvision_loader import TorchvisionLoader
+
+        return TorchvisionLoader(cfg, **kw)
+    if kind == "ffcv":
+        from pipeline.ffcv_loader import build_ffcv_loader
+
+        return build_ffcv_loader(cfg, **kw)
+    from pipeline.dali_loader import build_dali_loader
+
+    return build_dali_loader(cfg, **kw)
+
+
+def run_one(args: argparse.Namespace, kind: str, recipe: str, path: str) -> dict:
+    """Time one loader on one recipe: warm-up epochs, then timed epochs; returns one result row."""
+    from pipeline.gpu_augment import DeviceAugment
+
+    cfg = data_config(args, kind, path, recipe)
+    augment = None
+    if recipe == "full" and kind != "torchvision":
+        augment = DeviceAugment(cfg.expanded_views(), cfg.mean, cfg.std, seed=0, flip=False)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        loader = build(kind, cfg)
+        first_batch, epochs = None, []
+        for epoch in range(args.warmup_epochs + args.epochs):
+            t_epoch, n = time.perf_counter(), 0
+            for batch in loader.epoch_iter(epoch):
+                if first_batch is None:
+                    first_batch = time.perf_counter() - t0
+                out = augment(batch) if augment is not None else batch
+                n += out.batch_size
+            if epoch >= args.warmup_epochs:
+                epochs.append(n / (time.perf_counter() - t_epoch))
+        if hasattr(loader, "close"):
+            loader.close()
+        del loader
+    return {"loader": kind, "recipe": recipe, "img_s": statistics.median(epochs), "img_s_epochs": epochs,
+            "first_batch_s": first_batch, "peak_pss_mib": mem.peak_mib, "images_per_epoch": n}
+
+
+def add_ratios(rows: list[dict], ceiling: float) -> None:
+    for r in rows:
+        base = next((b for b in rows if b["recipe"] == r["recipe"] and b["loader"] == "torchvision"), None)
+        r["vs_baseline"] = r["img_s"] / base["img_s"] if base else None
+        r["vs_ceiling"] = r["img_s"] / ceiling
+
+
+def targets(rows: list[dict]) -> dict:
+    """The README targets, where the rows needed to check them exist."""
+    get = {(r["loader"], r["recipe"]): r for r in rows}
+    out = {}
+    if ("ffcv", "full") in get and get[("ffcv", "full")]["vs_baseline"] is not None:
+        out["ffcv_full_vs_baseline>=5"] = get[("ffcv", "full")]["vs_baseline"] >= 5.0
+    if ("ffcv", "crop") in get:
+        out["ffcv_crop_vs_ceiling>=0.5"] = get[("ffcv", "crop")]["vs_ceiling"] >= 0.5
+    return out
+
+
+def print_table(rows: list[dict], ceiling: dict, settings: dict) -> None:
+    print(f"\nloader benchmark - {settings['images']} images, batch {settings['batch_size']}, "
+          f"{settings['workers']} workers, {settings['cpus']} CPUs, views {settings['views']}, "
+          f"malloc env {'on' if settings['malloc_env'] else 'off'}")
+    print(f"JPEG decode ceiling ({ceiling['decoder']}, {ceiling['processes']} processes, stored "
+          f"{ceiling['mean_side']:.0f} px JPEGs): {ceiling['img_s']:,.0f} img/s\n")
+    head = f"{'recipe':<6} {'loader':<20} {'img/s':>9} {'x baseline':>11} {'x ceiling':>10} {'1st batch s':>12} " \
+           f"{'peak MiB':>9}"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        vb = f"{r['vs_baseline']:.2f}" if r["vs_baseline"] is not None else "-"
+        print(f"{r['recipe']:<6} {r['loader']:<20} {r['img_s']:>9,.0f} {vb:>11} {r['vs_ceiling']:>10.2f} "
+              f"{r['first_batch_s']:>12.1f} {r['peak_pss_mib']:>9,.0f}")
+    for name, ok in targets(rows).items():
+        print(f"target {name}: {'PASS' if ok else 'FAIL'}")
+
+
+def maybe_reexec_with_malloc_env(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """glibc reads MALLOC_* at start-up only, so set them by re-executing this module once."""
+    if args.no_malloc_env or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()) or argv is not None:
+        return
+    env = {**os.environ, **MALLOC_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", "pipeline.bench", *sys.argv[1:]], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    maybe_reexec_with_malloc_env(args, argv)
+    bad = set(args.loaders.split(",")) - set(LOADERS) or set(args.recipes.split(",")) - set(RECIPES)
+    if bad:
+        raise SystemExit(f"--loaders/--recipes: unknown {sorted(bad)}")
+    paths = ensure_bench_data(args.data_dir, args.generate, args.image_size, args.max_side, args.workers)
+    jpegs, n_images = stored_jpegs(paths)
+    ceiling = decode_ceiling(jpegs, os.cpu_count() or 1, args.ceiling_seconds)
+    rows = []
+    for recipe in args.recipes.split(","):
+        for kind in args.loaders.split(","):
+            if kind == "torchvision+devaug" and recipe == "crop":
+                continue  # identical to the torchvision crop row
+            path = paths["ffcv"] if kind == "ffcv" else paths["dali"] if kind == "dali" else paths["folder"]
+            print(f"[bench] {recipe:<4} {kind} ...", flush=True)
+            rows.append(run_one(args, kind, recipe, path))
+    add_ratios(rows, ceiling["img_s"])
+    g, s = (int(x) for x in args.sizes.split(","))
+    settings = {"images": n_images, "batch_size": args.batch_size, "workers": args.workers,
+                "cpus": os.cpu_count(), "views": f"2x{g} + {args.n_local}x{s}", "epochs": args.epochs,
+                "warmup_epochs": args.warmup_epochs, "max_side": args.max_side, "jitter": args.jitter,
+                "malloc_env": all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
+                "torch_threads": torch.get_num_threads()}
+    print_table(rows, ceiling, settings)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"settings": settings, "decode_ceiling": ceiling, "results": rows, "targets": targets(rows)},
+                      f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
