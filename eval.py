@@ -1,8 +1,14 @@
-"""Evaluation of pretrained backbones.
+"""Evaluation of pretrained backbones: linear probe (standard or fast), weighted kNN, export to timm.
 
+    torchrun --nproc_per_node=8 eval.py linear --checkpoint runs/x --data train.beton --val-data val.beton
+    python eval.py linear --fast --checkpoint runs/dino_demo --data data/demo/train --val-data data/demo/val
     python eval.py knn --checkpoint runs/dino_demo --train-dir data/demo/train --val-dir data/demo/val
+    python eval.py export --checkpoint runs/dino_demo --out backbone.safetensors
 
-``--checkpoint`` takes a checkpoint file or a run directory (its newest valid checkpoint is used).
+``--checkpoint`` takes a checkpoint file or a run directory (its newest valid checkpoint is used). Data arguments take
+an ImageFolder directory or an FFCV ``.beton`` file. Linear-probe hyperparameters: the method's official protocol
+(``evaluation/config.py``), then ``--config`` YAML files, then trailing ``key=value`` overrides (``lr=0.1 epochs=10
+fast.copies=2``). Bad input (checkpoint, paths, classes, keys) exits with code 2 and a message naming the problem.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 def resolve_checkpoint(spec: str) -> str:
@@ -24,53 +31,204 @@ def resolve_checkpoint(spec: str) -> str:
     return spec
 
 
-def add_knn_parser(sub) -> None:
-    p = sub.add_parser("knn", help="weighted kNN on frozen features (ImageFolder splits)")
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    p.add_argument("--train-dir", required=True, help="labelled ImageFolder for the feature bank")
-    p.add_argument("--val-dir", required=True, help="labelled ImageFolder to classify")
+    p.add_argument("--weights", default="auto", choices=["auto", "student", "teacher"],
+                   help="which backbone: auto = the method's official evaluation choice (DINO/SCFS/ReSA: teacher)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, help="feature cache directory (default <run dir>/feature_cache)")
+    p.add_argument("--no-cache", action="store_true", help="always extract features; write no cache")
+
+
+def add_knn_parser(sub) -> None:
+    p = sub.add_parser("knn", help="weighted kNN on frozen features (ImageFolder dirs or .beton files)")
+    _add_common(p)
+    p.add_argument("--train-dir", "--data", dest="train_dir", required=True,
+                   help="labelled feature bank: ImageFolder directory or .beton")
+    p.add_argument("--val-dir", "--val-data", dest="val_dir", required=True,
+                   help="labelled queries: ImageFolder directory or .beton")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100], help="neighbour counts (DINO reports k=20)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim/T)")
-    p.add_argument("--weights", default="auto", choices=["auto", "student", "teacher"],
-                   help="which backbone: auto = the method's official evaluation choice")
     p.add_argument("--random-baseline", action="store_true", help="also evaluate a random-init backbone")
     p.add_argument("--report", default=None, help="run directory: print the demo results table with its images/s")
     p.add_argument("--out", default=None, help="write the results JSON here")
+    _add_cache(p)
+
+
+def add_linear_parser(sub) -> None:
+    p = sub.add_parser("linear", help="linear probe on the frozen backbone (standard protocol, or --fast)")
+    _add_common(p)
+    p.add_argument("--data", required=True, help="labelled training split: ImageFolder directory or .beton")
+    p.add_argument("--val-data", required=True, help="labelled validation split: ImageFolder directory or .beton")
+    p.add_argument("--fast", action="store_true",
+                   help="extract features once (cached), train the classifier on them: minutes instead of hours")
+    p.add_argument("--config", action="append", default=[], help="probe YAML (keys of evaluation.config.LinearConfig)")
+    p.add_argument("--num-classes", type=int, default=None, help="fail unless the data has this many classes")
+    p.add_argument("--out", default=None, help="results JSON (default <run dir>/linear_eval[_fast].json)")
+    p.add_argument("--no-resume", action="store_true", help="standard probe: ignore a saved per-epoch state")
+    _add_cache(p)
+    p.add_argument("overrides", nargs="*", help="key=value probe overrides, e.g. lr=0.1 epochs=10 fast.copies=2")
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="backbone weights as .safetensors loadable by timm.create_model(pretrained=True)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--weights", default="auto", choices=["auto", "student", "teacher"])
+    p.add_argument("--out", required=True, help="output file, must end in .safetensors")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading with timm and comparing features")
+
+
+def _device(choice: str):
+    from runtime import dist
+    from runtime.setup import pick_device
+
+    device = pick_device(choice)
+    dist.init_from_env(device.type)
+    return device
+
+
+def _precision(choice: str, cfg, device) -> str:
+    """'auto': the checkpoint's training precision on CUDA, fp32 on the CPU (no autocast speed-up there)."""
+    if choice != "auto":
+        return choice
+    return cfg.model.precision if device.type == "cuda" else "fp32"
+
+
+def _cache(args, ckpt: str, which: str, precision: str, dtype: str = "float32"):
+    import torch
+
+    from evaluation.feature_cache import FeatureCache, file_fingerprint
+
+    if args.no_cache:
+        return FeatureCache(None)
+    directory = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "feature_cache")
+    base = {"checkpoint": file_fingerprint(ckpt), "weights": which, "precision": precision}
+    return FeatureCache(directory, getattr(torch, dtype), base)
+
+
+def _write_json(res: dict, out: str | None) -> None:
+    from runtime import dist
+
+    if out and dist.is_main():
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2)
 
 
 def run_knn(args) -> dict:
-    import torch
-
     from evaluation.knn_eval import knn_of_checkpoint
+    from evaluation.load import load_backbone
     from evaluation.report import print_knn_table
+    from runtime.setup import autocast_dtype
 
     path = resolve_checkpoint(args.checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
+    backbone, cfg = load_backbone(path, args.weights)
+    precision = _precision("auto", cfg, device)
     res = knn_of_checkpoint(path, args.train_dir, args.val_dir, device, args.weights, tuple(args.k),
-                            args.temperature, args.random_baseline)
+                            args.temperature, args.random_baseline, cache=_cache(args, path, args.weights, precision),
+                            autocast_dtype=autocast_dtype(precision, device), loaded=(backbone, cfg))
     res["checkpoint"] = path
-    out = args.out or (os.path.join(args.report, "knn_eval.json") if args.report else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
+    _write_json(res, args.out or (os.path.join(args.report, "knn_eval.json") if args.report else None))
     print_knn_table(res, args.report)
     return res
+
+
+def run_linear(args) -> dict:
+    from evaluation.config import load_linear_config
+    from evaluation.eval_loaders import build_eval_split, build_probe_train_loader, check_same_classes
+    from evaluation.knn_eval import frozen_for
+    from evaluation.load import load_backbone
+    from evaluation.report import print_linear_summary
+    from runtime import dist
+    from runtime.config_loader import ConfigError
+    from runtime.setup import autocast_dtype
+
+    t0 = time.perf_counter()
+    path = resolve_checkpoint(args.checkpoint)
+    backbone, cfg = load_backbone(path, args.weights)
+    pcfg = load_linear_config(cfg.method, args.config, args.overrides)
+    device = _device(args.device)
+    size, resize = pcfg.crop_sizes(cfg.data.eval_size)
+    workers = pcfg.workers if pcfg.workers >= 0 else cfg.data.workers
+    train = build_eval_split(args.data, size, resize, workers, "--data")
+    val = build_eval_split(args.val_data, size, resize, workers, "--val-data")
+    num_classes = check_same_classes(train, val, args.num_classes)
+    precision = _precision(pcfg.precision, cfg, device)
+    frozen = frozen_for(backbone, cfg, device, autocast_dtype(precision, device))
+    world = dist.world_size()
+
+    def train_loader(per_rank_batch: int):
+        return build_probe_train_loader(args.data, size=size, scale=pcfg.train_scale, interpolation=pcfg.interpolation,
+                                        batch_size=per_rank_batch, workers=workers, seed=pcfg.seed, rank=dist.rank(),
+                                        world_size=world, mean=cfg.data.mean, std=cfg.data.std)
+
+    kind = "linear_fast_eval" if args.fast else "linear_eval"
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), f"{kind}.json")
+    if args.fast:
+        from evaluation.fast_probe import fast_linear_probe
+
+        cache = _cache(args, path, args.weights, precision, pcfg.fast.cache_dtype)
+        aug_batch = max(1, min(cfg.eval.batch_size, train.n // world))  # full batches only: keep the remainder small
+        res = fast_linear_probe(frozen, train, val, lambda: train_loader(aug_batch), num_classes, pcfg, cache,
+                                cfg.eval.batch_size)
+    else:
+        from evaluation.feature_cache import cache_key, data_fingerprint, file_fingerprint
+        from evaluation.linear import train_linear_probe
+        from runtime.config_loader import to_dict
+
+        if pcfg.batch_size % world:
+            raise ConfigError(f"batch_size: {pcfg.batch_size} is not divisible by the {world} ranks")
+        key = cache_key({"checkpoint": file_fingerprint(path), "weights": args.weights, "world": world,
+                         "data": data_fingerprint(args.data), "val": data_fingerprint(args.val_data),
+                         "config": to_dict(pcfg), "precision": precision})
+        state = None if args.no_resume else os.path.splitext(out)[0] + ".state.pt"
+        res = train_linear_probe(frozen, train_loader(pcfg.batch_size // world), val, num_classes, pcfg,
+                                 eval_batch_size=cfg.eval.batch_size, state_path=state, resume_key=key)
+    res.update(kind=kind, checkpoint=path, method=cfg.method, backbone=cfg.model.backbone, weights=args.weights,
+               data=args.data, val_data=args.val_data, num_classes=num_classes, feature_dim=frozen.feature_dim,
+               train_images=train.n, val_images=val.n, crop=[size, resize], precision=precision, world_size=world,
+               seconds=time.perf_counter() - t0)
+    _write_json(res, out)
+    print_linear_summary(res, out)
+    return res
+
+
+def run_export(args) -> dict:
+    from evaluation.export import export_backbone, usage, verify_export
+
+    path = resolve_checkpoint(args.checkpoint)
+    meta = export_backbone(path, args.out, args.weights)
+    print(f"wrote {args.out}\n{usage(meta, args.out)}")
+    if not args.no_verify:
+        diff = verify_export(path, args.out, args.weights)
+        print(f"verified: timm-loaded features match the checkpoint's backbone (max |diff| {diff:.2e})")
+        if diff > 1e-4:
+            raise ValueError(f"{args.out}: reloaded backbone differs from the checkpoint (max |diff| {diff:.3g})")
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_knn_parser(sub)
+    add_linear_parser(sub)
+    add_export_parser(sub)
     args = parser.parse_args(argv)
+    from runtime import dist
     from runtime.checkpoint import CheckpointError
     from runtime.config_loader import ConfigError
 
     try:
-        if args.command == "knn":
-            run_knn(args)
+        {"knn": run_knn, "linear": run_linear, "export": run_export}[args.command](args)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        dist.shutdown()
     return 0
 
 

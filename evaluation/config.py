@@ -11,7 +11,7 @@ dino       DINO/SCFS ``eval_linear.py`` (ResNet-50): SGD lr 0.01 per 256 (0.08 a
 resa       ReSA ``eval_linear.py``: SGD lr 10 per 256 (README, models pretrained at batch 256), steps at 60/80 (x0.1)
 intl       INTL ``evaluate.py``: SGD lr 0.4 per 256, steps at 60/80 (x0.1)
 cw_rgp     CW-RGP ``lincls.py``: LARS lr 0.1 per 256 (0.4 at batch 1024), cosine, batch 1024
-mvmr       MV-MR ``--retrain``: Adam lr 1e-3, cosine to 0, 100 epochs (the official numbers may come from its online probe)
+mvmr       MV-MR ``--retrain``: Adam lr 1e-3, cosine to 0, 100 epochs (its README may report the online probe)
 =========  =====================================================================================================
 
 Every preset shares: frozen backbone in eval mode, linear layer initialised N(0, 0.01) with zero bias on the pooled

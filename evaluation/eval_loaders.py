@@ -19,7 +19,7 @@ the backbone input on the device.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,10 +61,12 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
 
 
 class EvalSplit:
-    """A labelled split read with resize + center-crop. Attributes: path, n, labels (n,) int64, classes (names or
-    None for a .beton without classes.json), num_classes."""
+    """A labelled split read with resize + center-crop. Attributes: path, size (crop side), resize, n, labels (n,)
+    int64, classes (names, or None for a .beton without classes.json), num_classes."""
 
     path: str
+    size: int
+    resize: int
     labels: np.ndarray
     classes: list[str] | None
 
@@ -92,7 +94,7 @@ class FolderSplit(EvalSplit):
             self.folder = ImageFolder(root, transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             raise ConfigError(f"{what}: {root!r} is not a usable ImageFolder: {e}") from None
-        self.path, self.workers = root, workers
+        self.path, self.size, self.resize, self.workers = root, size, resize, workers
         self.labels = np.asarray(self.folder.targets, dtype=np.int64)
         self.classes = list(self.folder.classes)
 
@@ -126,10 +128,10 @@ class BetonSplit(EvalSplit):
         if len(indices) == 0:
             return
         threads = torch.get_num_threads()
+        decoder = CenterCropRGBImageDecoder((self.size, self.size), self.size / self.resize)
         loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, self.workers), os_cache=True,
                         order=OrderOption.SEQUENTIAL, indices=np.asarray(indices, dtype=np.int64), drop_last=False,
-                        pipelines={"image": [CenterCropRGBImageDecoder((self.size, self.size), self.size / self.resize)],
-                                   "label": [IntDecoder()]})
+                        pipelines={"image": [decoder], "label": [IntDecoder()]})
         torch.set_num_threads(threads)  # ffcv resizes torch's intra-op pool to num_workers
         try:
             for images, labels in loader:

@@ -33,3 +33,25 @@ def print_knn_table(res: dict, run_dir: str | None = None) -> None:
         if ips is not None:
             print(f"training throughput: {ips:.1f} images/s (median over logging windows, all crops of an image = 1)")
     print()
+
+
+def print_linear_summary(res: dict, out: str | None = None) -> None:
+    """Best / last top-1 and top-5 of a linear probe, with its run time (rank 0 only)."""
+    from runtime import dist
+
+    if not dist.is_main():
+        return
+    kind = "fast linear probe (cached features)" if res.get("kind") == "linear_fast_eval" else "linear probe"
+    best, last = res["best"], res["last"]
+    print(f"\n{kind}: {res.get('method', '?')} {res.get('backbone', '?')} ({res.get('weights', 'auto')} weights), "
+          f"protocol {res['protocol']}, peak lr {res['peak_lr']:.4g}, {res.get('num_classes', '?')} classes")
+    print(f"{'':<6}{'epoch':>7}{'top-1':>9}{'top-5':>9}")
+    for name, row in (("best", best), ("last", last)):
+        print(f"{name:<6}{row['epoch'] + 1:>7}{row['top1']:>8.2f}%{row['top5']:>8.2f}%")
+    if "best_of_grid" in res and len(res.get("heads", {})) > 1:
+        g = res["best_of_grid"]
+        print(f"best of lr grid: {g['head']} top-1 {g['top1']:.2f}% (epoch {g['epoch'] + 1}, selected on val)")
+    timing = f"total {res['seconds']:.1f} s"
+    if "feature_seconds" in res:
+        timing += f" (features {res['feature_seconds']:.1f} s, classifier {res['train_seconds']:.1f} s)"
+    print(timing + (f"; results: {out}" if out else "") + "\n")
