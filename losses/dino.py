@@ -24,7 +24,8 @@ def multicrop_cross_entropy(student_logits: torch.Tensor, t_probs: torch.Tensor,
     """Mean over (teacher crop t, student crop s != t) pairs of ``mean_b CE(P_t, log_softmax(s / tau_s))``.
 
     Args:
-        student_logits: (S, B, K), crops ordered globals first so crop ``i < T`` is the same image as teacher crop ``i``.
+        student_logits: (S, B, K), crops ordered globals first, so crop ``i < T`` is the same image as
+            teacher crop ``i``.
         t_probs: (T, B, K) teacher probabilities (no gradient).
         student_temp: tau_s.
     Returns:

@@ -17,12 +17,14 @@ def build_method(cfg) -> SSLMethod:
     return METHODS.get_or_raise(cfg.method)(cfg)
 
 
-from methods import dino  # noqa: E402,F401  (registration side effect)
-from methods import scfs  # noqa: E402,F401
-from methods import ressl  # noqa: E402,F401
-from methods import resa  # noqa: E402,F401
-from methods import mvmr  # noqa: E402,F401
-from methods import intl  # noqa: E402,F401
-from methods import cw_rgp  # noqa: E402,F401
+from methods import (
+    cw_rgp,  # noqa: E402,F401
+    dino,  # noqa: E402,F401  (registration side effect)
+    intl,  # noqa: E402,F401
+    mvmr,  # noqa: E402,F401
+    resa,  # noqa: E402,F401
+    ressl,  # noqa: E402,F401
+    scfs,  # noqa: E402,F401
+)
 
 __all__ = ["METHODS", "SSLMethod", "StepContext", "StepOutput", "build_method", "register_method"]

@@ -23,7 +23,8 @@ class LARS(torch.optim.Optimizer):
                     g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.norm(p), torch.norm(g)
                     # trust ratio without host sync: where either norm is 0 fall back to 1
-                    q = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    ok = (w_norm > 0) & (g_norm > 0)
+                    q = torch.where(ok, group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
                     g = g.mul(q)
                 buf = self.state[p].get("mu")
                 if buf is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float, start: float = 0.0) -> float:
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float,
+                  start: float = 0.0) -> float:
     """Linear warm-up ``start -> peak`` over ``warmup_steps``, then cosine ``peak -> final`` until ``total_steps``.
 
     Matches DINO's per-iteration ``cosine_scheduler``: value at step ``i`` of the cosine part is

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -32,7 +32,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiCropFolder(Dataset):
-    """ImageFolder whose items are ``(views, label, index)``; the image is decoded once and all crops are cut from it."""
+    """ImageFolder whose items are ``(views, label, index)``; each image is decoded once, all crops cut from it."""
 
     def __init__(self, root: str, cfg: DataConfig, seed: int):
         if not os.path.isdir(root):

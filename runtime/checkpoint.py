@@ -83,7 +83,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, wrong file type ...
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        reason = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a flashssl checkpoint (missing 'model'/'config' entries)")
     return ckpt

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from runtime.config_loader import ConfigError, coerce, deep_merge, from_dict, load_yaml, parse_override, to_dict
 
@@ -148,7 +148,7 @@ class OptimConfig:
     min_lr: float = 0.0048  # final lr of the cosine (absolute, not scaled)
     warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
     weight_decay: float = 1e-4
-    weight_decay_end: Optional[float] = None  # cosine schedule of wd to this value; None = constant
+    weight_decay_end: float | None = None  # cosine schedule of wd to this value; None = constant
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0  # 0 disables clipping

@@ -97,7 +97,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"unknown config key {where}{unknown[0]!r}; known keys in {prefix or 'the top level'}: {', '.join(sorted(fields))}"
+            f"unknown config key {where}{unknown[0]!r}; "
+            f"known keys in {prefix or 'the top level'}: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in data.items():

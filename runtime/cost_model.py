@@ -36,7 +36,8 @@ def step_flops_per_image(cfg: Config, batch: int = 2) -> float:
     return counter.get_total_flops() / batch
 
 
-def expected_throughput(flops_per_image: float, mfu: tuple[float, float] = (0.2, 0.35)) -> dict[str, tuple[float, float]]:
+def expected_throughput(flops_per_image: float,
+                        mfu: tuple[float, float] = (0.2, 0.35)) -> dict[str, tuple[float, float]]:
     """images/s per device for the MFU range, for each accelerator in PEAKS."""
     return {name: (mfu[0] * peak / flops_per_image, mfu[1] * peak / flops_per_image) for name, peak in PEAKS.items()}
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     views = "+".join(f"{v.count}x{v.size}" for v in cfg.data.views)
     print(f"{cfg.method} {cfg.model.backbone} views {views}: {flops / 1e9:.1f} GFLOP per image per training step")
     for name, (lo, hi) in expected_throughput(flops, tuple(args.mfu)).items():
-        print(f"  {name:<18} expected {lo:,.0f} - {hi:,.0f} images/s per GPU at MFU {args.mfu[0]:.0%}-{args.mfu[1]:.0%}")
+        mfu = f"{args.mfu[0]:.0%}-{args.mfu[1]:.0%}"
+        print(f"  {name:<18} expected {lo:,.0f} - {hi:,.0f} images/s per GPU at MFU {mfu}")
     return 0
 
 

@@ -51,7 +51,6 @@ def make_augment(cfg: Config, device: torch.device):
     if cfg.data.loader == "torchvision" and not cfg.data.device_augment:
         return None
     from pipeline.gpu_augment import DeviceAugment
-
     from runtime import dist
 
     if cfg.model.precision == "fp16" and device.type != "cuda":
@@ -59,4 +58,5 @@ def make_augment(cfg: Config, device: torch.device):
     return DeviceAugment(cfg.data.expanded_views(), mean=cfg.data.mean, std=cfg.data.std,
                          out_dtype=autocast_dtype(cfg.model.precision, device) or torch.float32,
                          channels_last=cfg.model.channels_last, seed=cfg.train.seed * 1000 + dist.rank(),
-                         flip=cfg.data.loader != "torchvision")  # the PIL path flips already
+                         flip=cfg.data.loader != "torchvision",  # the PIL path flips already
+                         compile=cfg.model.compile)  # model.compile also compiles the elementwise augmentation

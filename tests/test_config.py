@@ -26,7 +26,8 @@ def test_merge_order_defaults_method_experiment_cli(tmp_path):
 
 
 def test_views_expand_and_lists_override(tmp_path):
-    cfg = load_config("dino", [], ["data.views=[{role: global, count: 2, size: 64}, {role: local, count: 3, size: 32}]"])
+    views = "data.views=[{role: global, count: 2, size: 64}, {role: local, count: 3, size: 32}]"
+    cfg = load_config("dino", [], [views])
     sizes = [v.size for v in cfg.data.expanded_views()]
     assert sizes == [64, 64, 32, 32, 32]
 
