@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -133,17 +134,16 @@ def _read_json(path: str) -> dict | None:
 
 
 def output_state(target: Target, settings: dict, fingerprint: str) -> str:
-    """'missing' | 'current' | 'stale' (ours, different settings/source) | 'foreign' (exists, no valid manifest)."""
+    """'missing' | 'current' | 'stale' (has our manifest, but settings/source changed or files are missing/altered)
+    | 'foreign' (something exists at the path without a manifest of ours)."""
     manifest = _read_json(target.sidecar("manifest.json"))
     if manifest is None:
         return "foreign" if os.path.exists(target.path) else "missing"
     base = os.path.dirname(target.sidecar("manifest.json"))
     files_ok = all(os.path.isfile(os.path.join(base, n)) and os.path.getsize(os.path.join(base, n)) == size
                    for n, size in manifest.get("files", {}).items())
-    if not files_ok or not os.path.exists(target.path):
-        return "foreign"
     same = manifest.get("settings") == settings and manifest.get("source_fingerprint") == fingerprint
-    return "current" if same else "stale"
+    return "current" if same and files_ok and os.path.exists(target.path) else "stale"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -157,15 +157,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temps(target: Target) -> None:
-    """Delete temporaries of killed conversions to the same output (``.<name>.tmp-<pid>*`` of dead pids)."""
-    parent, name = os.path.split(target.path)
+    """Delete temporaries that killed conversions to this output left behind (``.<stem>.[...].tmp|old|spool-<pid>``
+    of processes that no longer exist)."""
+    parent, stem = os.path.dirname(target.path), os.path.basename(target.stem)
     if not os.path.isdir(parent):
         return
+    pattern = re.compile(rf"^\.{re.escape(stem)}\.(.*\.)?(tmp|old|spool)-(\d+)$")
     for entry in os.listdir(parent):
-        if not entry.startswith(f".{name}.") or "-" not in entry:
-            continue
-        pid = entry.rsplit("-", 1)[-1].split(".")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        m = pattern.match(entry)
+        if m and not _pid_alive(int(m.group(3))):
             full = os.path.join(parent, entry)
             shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
 
@@ -259,7 +259,7 @@ def _manifest(target: Target, settings: dict, listing: Listing, samples: Spooled
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def finalize_ffcv(target: Target, samples: SpooledSamples, listing: Listing,
+def finalize_ffcv(target: Target, samples: SpooledSamples, listing: Listing, progress: bool,
                   meta: Callable[[dict[str, int]], dict]) -> None:
     """Write the .beton + sidecars under temporary names, rename them into place, manifest last."""
     from pipeline.write_ffcv import write_beton
@@ -271,7 +271,7 @@ def finalize_ffcv(target: Target, samples: SpooledSamples, listing: Listing,
         with open(temps[0], "w") as f:
             json.dump(_classes_json(listing, samples), f, indent=1)
         _write_samples_tsv(temps[1], samples)
-        write_beton(temps[2], samples)
+        write_beton(temps[2], samples, progress)
         files = {os.path.basename(p): os.path.getsize(t) for p, t in zip(finals, temps)}
         if os.path.exists(target.sidecar("manifest.json")):
             os.remove(target.sidecar("manifest.json"))  # from here on the old output no longer counts as complete
@@ -419,7 +419,7 @@ def _run(todo: list[Target], listing: Listing, params: PrepareParams, settings_o
             meta = lambda files, t=t: _manifest(t, settings_of(t), listing, samples, len(skips), files,  # noqa: E731
                                                 time.perf_counter() - t0)
             if t.kind == "ffcv":
-                finalize_ffcv(t, samples, listing, meta)
+                finalize_ffcv(t, samples, listing, progress, meta)
             else:
                 finalize_dali(t, samples, listing, shard_bytes, seed, progress, meta)
     finally:

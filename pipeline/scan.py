@@ -163,7 +163,8 @@ def _listing_entries(root: str, file_list: str | None) -> tuple[list[str], list[
     return classes, entries, skipped
 
 
-def _check_entry(root: str, rel: str, class_to_idx: dict[str, int], seen: dict[str, str]) -> Skip | os.stat_result:
+def _check_entry(root: str, rel: str, class_to_idx: dict[str, int],
+                 seen: dict[tuple[int, int], str]) -> Skip | os.stat_result:
     """Reject an entry with a reason, or return its stat result (and record its real path in ``seen``)."""
     if "/" not in rel or rel.startswith(".."):
         return Skip(rel, "file is not inside a class folder (expected <src>/<class>/<image>)")
@@ -179,10 +180,10 @@ def _check_entry(root: str, rel: str, class_to_idx: dict[str, int], seen: dict[s
         st = os.stat(full)
     except OSError as e:
         return Skip(rel, f"unreadable: {e.strerror}")
-    real = os.path.realpath(full)
-    if real in seen:
-        return Skip(rel, f"duplicate entry: same file as {seen[real]}")
-    seen[real] = rel
+    key = (st.st_dev, st.st_ino)  # same file via a symlink, a hard link or a repeated list entry
+    if key in seen:
+        return Skip(rel, f"duplicate entry: same file as {seen[key]}")
+    seen[key] = rel
     return st
 
 

@@ -16,6 +16,7 @@ Format (ffcv 1.0.x ``.beton``, read by ``ffcv.loader.Loader`` / :mod:`pipeline.f
 from __future__ import annotations
 
 import _thread
+import functools
 import multiprocessing
 import threading
 import time
@@ -115,7 +116,7 @@ class _ChildWatchdog:
         self._thread.join()
 
 
-def write_beton(path: str, samples: SpooledSamples) -> None:
+def write_beton(path: str, samples: SpooledSamples, progress: bool = True) -> None:
     """Write ``samples`` to ``path`` (the caller passes a temporary name and renames it when this returns).
 
     One ffcv writer process: the work is pure byte copying from the spool (disk-bound), and a single writer lays
@@ -124,18 +125,24 @@ def write_beton(path: str, samples: SpooledSamples) -> None:
     Args:
         path: output file (overwritten).
         samples: prepared samples; ``len(samples) > 0``.
+        progress: show ffcv's progress bar (labelled; ffcv has no switch, so its module-level ``tqdm`` is
+            swapped for a configured one while writing).
 
     Raises:
         RuntimeError: an ffcv writer process died before all samples were written.
     """
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
 
     image = RGBImageField(write_mode="jpg")
     image.encode = _encode_stored_jpeg  # instance attribute: type(image) stays RGBImageField for the file header
     writer = DatasetWriter(path, {"image": image, "label": IntField()},
                            page_size=_page_size(int(samples.sizes.max()), int(samples.sizes.sum())), num_workers=1)
     watchdog = _ChildWatchdog()
+    saved_tqdm = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(tqdm, desc="ffcv .beton", unit="img", disable=not progress)
     try:
         with watchdog:
             writer.from_indexed_dataset(_SpoolDataset(samples), chunksize=256)
@@ -144,6 +151,8 @@ def write_beton(path: str, samples: SpooledSamples) -> None:
         if isinstance(e, KeyboardInterrupt) and watchdog.fired:
             raise RuntimeError(f"{path}: an ffcv writer process died before all samples were written") from None
         raise
+    finally:
+        ffcv.writer.tqdm = saved_tqdm
 
 
 def _cleanup_failed_writer(writer: Any) -> None:

@@ -282,8 +282,8 @@ def test_failed_rebuild_keeps_previous_ffcv_output(good_tree, tmp_path, monkeypa
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     real = wf.write_beton
 
-    def write_then_fail(path, samples):
-        real(path, samples)
+    def write_then_fail(path, samples, progress=True):
+        real(path, samples, progress)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(wf, "write_beton", write_then_fail)

@@ -54,6 +54,9 @@ def test_cache_hit_param_change_and_partial_tree(tmp_path):
     assert len(logs) == 2 and counts(root, "val") == dict.fromkeys(sorted(CLASSES), 3)
     assert json.loads((root / "manifest.json").read_text())["params"]["val_per_class"] == 3
     (root / "train/ring/00002.jpg").unlink()  # partial tree
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (root / f".demo.tmp-{dead.pid}/train").mkdir(parents=True)  # leftover of a killed run
     ensure_demo_dataset(str(root), workers=1, log=logs.append, **{**TINY, "val_per_class": 3})
     assert len(logs) == 3 and (root / "train/ring/00002.jpg").exists()
     assert (root / "ffcv/train.beton").read_bytes() == b"converted output"
