@@ -14,8 +14,10 @@ scale (diameter 35-80% of the side) and rotation, with its own smooth shading; 2
 and arcs in random colours, some crossing the object); Gaussian pixel noise; and sometimes a slight blur. Masks
 and patterns are drawn at 2x and box-filtered down (antialiased edges); files are JPEG at ``jpeg_quality``
 (optimized Huffman tables).
-Colour statistics carry no class information; a kNN on 8x8 raw-pixel thumbnails is close to chance (see
-tests/pipeline/test_demo_dataset.py), so the task needs shape/texture features.
+Colour statistics carry no class information, so the task needs shape/texture features. Measured on the default
+dataset (2600 train / 500 val, chance 10%): kNN (k=20) on 8x8 raw-pixel thumbnails 16%, on 16x16 thumbnails 15%, on
+48-bin colour histograms 11%, on random-init ResNet-18 features 13-14%; a small supervised CNN at 56 px reaches 90%
+val accuracy in 8 epochs, so the classes are learnable. Generation takes ~3 ms of CPU per image (~10 s on 2 cores).
 
 Determinism: image ``(split, class c, index i)`` is drawn from ``numpy.random.default_rng([seed, split_id, c, i])``,
 so the bytes do not depend on the number of worker processes. Caching: ``manifest.json`` (generator version +

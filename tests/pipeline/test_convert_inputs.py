@@ -159,3 +159,25 @@ def test_sixteen_bit_scaling_is_not_saturated(tmp_path):
     convert(str(tmp_path / "src"), str(tmp_path / "g.beton"), workers=1, progress=False)
     pix = decode(beton_samples(str(tmp_path / "g.beton"))[0][0])
     assert np.abs(pix.astype(int) - 78).max() <= 1
+
+
+def test_large_jpeg_draft_decode_and_exif_rotation(tmp_path):
+    """Shrinking >= 2x goes through Pillow's DCT draft; size and pixels must match a full-resolution bicubic resize,
+    also when EXIF orientation swaps the axes."""
+    from PIL import Image
+
+    from tests.pipeline.conftest import smooth_image
+
+    arr = smooth_image(np.random.default_rng(5), 200, 300)
+    (tmp_path / "src/a").mkdir(parents=True)
+    Image.fromarray(arr).save(tmp_path / "src/a/plain.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees clockwise
+    Image.fromarray(arr).save(tmp_path / "src/a/rot.jpg", quality=95, exif=exif.tobytes())
+    convert(str(tmp_path / "src"), str(tmp_path / "o.beton"), max_side=64, workers=1, progress=False)
+    (plain, h0, w0, _), (rot, h1, w1, _) = beton_samples(str(tmp_path / "o.beton"))
+    assert (h0, w0) == (43, 64) and (h1, w1) == (64, 43)
+    src = np.asarray(Image.open(tmp_path / "src/a/plain.jpg").convert("RGB"))
+    ref = np.asarray(Image.fromarray(src).resize((64, 43), Image.Resampling.BICUBIC))
+    assert_close(decode(plain), ref, "draft-decoded")
+    assert_close(decode(rot), np.rot90(ref, k=-1), "draft-decoded + rotated")
