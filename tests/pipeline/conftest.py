@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,11 +138,3 @@ def bad_tree(tmp_path: Path) -> Tree:
     _rgb16_png(root / "b/rgb16.png", rgb16)
     expect["b/rgb16.png"], ref["b/rgb16.png"] = "ok", np.round(rgb16 / 257.0).astype(np.uint8)
     return Tree(root, expect, ref)
-
-
-@pytest.fixture
-def chdir_tmp(tmp_path: Path):
-    old = os.getcwd()
-    os.chdir(tmp_path)
-    yield tmp_path
-    os.chdir(old)
