@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import at_least_fp32, fp32_island
+from losses.kernels import soft_ce_fused, use_fused
 from runtime import dist
 
 
@@ -40,6 +41,11 @@ def multicrop_cross_entropy(student_logits: torch.Tensor, t_probs: torch.Tensor,
     return ce[mask].sum() / mask.sum()
 
 
+def _tensor_key(x: torch.Tensor) -> tuple:
+    """Identity of a tensor's data (storage, offset, shape, in-place version): detach() keeps it."""
+    return (x.data_ptr(), tuple(x.shape), x._version)
+
+
 class DINOLoss(nn.Module):
     """Holds the center buffer; the center update is split into an async reduce and an apply.
 
@@ -53,6 +59,7 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(out_dim))
         self._pending: tuple | None = None
+        self._fused_sum: tuple | None = None  # (teacher tensor key, (K,) column sum) from the fused forward
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """student_logits (S, B, K), teacher_logits (T, B, K) -> scalar. Uses the center from before this step."""
@@ -60,15 +67,23 @@ class DINOLoss(nn.Module):
             raise ValueError(f"logit width must be {self.center.shape[0]}, got {tuple(student_logits.shape)}, "
                              f"{tuple(teacher_logits.shape)}")
         with fp32_island(student_logits.device.type):
+            if use_fused() and student_logits.dtype != torch.float64 and teacher_logits.dtype != torch.float64:
+                loss, col_sum = soft_ce_fused(student_logits, teacher_logits.detach(), self.center,
+                                              self.student_temp, teacher_temp)
+                self._fused_sum = (_tensor_key(teacher_logits), col_sum)  # reused by reduce_center_update
+                return loss
             probs = teacher_probs(teacher_logits.detach(), self.center, teacher_temp)
             return multicrop_cross_entropy(student_logits, probs, self.student_temp)
 
     @torch.no_grad()
     def reduce_center_update(self, teacher_logits: torch.Tensor) -> None:
         """Start the cross-rank sum of the teacher logits' batch sum. teacher_logits (T, B, K)."""
-        flat = at_least_fp32(teacher_logits.detach()).flatten(0, -2)
-        total = flat.sum(dim=0)
-        count = torch.tensor(float(flat.shape[0]), device=flat.device)
+        cached, self._fused_sum = self._fused_sum, None
+        if cached is not None and cached[0] == _tensor_key(teacher_logits):
+            total = cached[1]  # the fused forward already produced this batch sum in its pass over the logits
+        else:
+            total = at_least_fp32(teacher_logits.detach()).flatten(0, -2).sum(dim=0)
+        count = torch.tensor(float(teacher_logits[..., 0].numel()), device=teacher_logits.device)
         handle = dist.all_reduce_sum(total, async_op=True)
         handle2 = dist.all_reduce_sum(count, async_op=True)
         self._pending = (total, count, handle, handle2)

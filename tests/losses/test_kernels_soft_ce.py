@@ -1,0 +1,120 @@
+"""Fused DINO/SCFS soft cross-entropy (Triton under TRITON_INTERPRET=1, compiled CPU path) against the reference.
+
+The reference is ``losses.dino`` evaluated in float64 (itself checked against a naive loop in ``test_dino.py``).
+Tolerances: fp32 inputs -> loss rel 1e-5, gradient atol 1e-5 * max|grad|; bf16 inputs (the reference sees the
+same bf16-rounded values in float64, so only fp32 accumulation and the bf16 gradient store differ) -> loss rel
+1e-5, gradient atol 1e-2 * max|grad| (bf16 has an 8-bit mantissa). Center batch sum: atol 1e-4 * sqrt(T * B).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU tensors
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from losses import kernels  # noqa: E402
+from losses.dino import DINOLoss, multicrop_cross_entropy, teacher_probs  # noqa: E402
+from losses.kernels import soft_ce_compiled as compiled_mod  # noqa: E402
+
+TAU_S, TAU_T = 0.1, 0.04
+# (S, T, B, K): K below, above and exactly at the Triton block (1024), with a tail; S == T; T == 1.
+SHAPES = [(3, 2, 2, 1000), (4, 2, 3, 2500), (2, 2, 1, 1024), (3, 1, 2, 77)]
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _inputs(shape, dtype, seed=0):
+    s_n, t_n, b_n, k_n = shape
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(s_n, b_n, k_n, generator=gen) * 3).to(dtype)
+    teacher = (torch.randn(t_n, b_n, k_n, generator=gen) * 3).to(dtype)
+    center = torch.randn(k_n, generator=gen) * 0.5
+    return student, teacher, center
+
+
+def _reference(student, teacher, center):
+    """Loss, d loss / d student and the teacher column sum, all in float64."""
+    s64 = student.double().requires_grad_()
+    loss = multicrop_cross_entropy(s64, teacher_probs(teacher.double(), center.double(), TAU_T), TAU_S)
+    loss.backward()
+    return loss.detach(), s64.grad, teacher.double().sum(dim=(0, 1))
+
+
+def _check(fn, shape, dtype):
+    student, teacher, center = _inputs(shape, dtype)
+    ref_loss, ref_grad, ref_sum = _reference(student, teacher, center)
+    x = student.clone().requires_grad_()
+    loss, col_sum = fn(x, teacher, center, TAU_S, TAU_T)
+    (2.0 * loss).backward()  # upstream gradient != 1 reaches the kernel
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    tol = GRAD_TOL[dtype] * 2.0 * ref_grad.abs().max().item()
+    torch.testing.assert_close(x.grad.double(), 2.0 * ref_grad, rtol=0, atol=tol)
+    torch.testing.assert_close(col_sum.double(), ref_sum, rtol=0, atol=1e-4 * (shape[1] * shape[2]) ** 0.5)
+
+
+@pytest.mark.skipif(not kernels.has_triton(), reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_matches_reference(shape, dtype):
+    from losses.kernels.soft_ce_triton import soft_ce_triton
+    _check(soft_ce_triton, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_eager_matches_reference(shape, dtype, monkeypatch):
+    monkeypatch.setattr(compiled_mod, "CHUNK_ELEMS", 2 * shape[0] * shape[3])  # 2 rows per chunk: a remainder
+
+    def fn(*args):
+        return compiled_mod.soft_ce_compiled(*args, compile=False)
+    _check(fn, shape, dtype)
+
+
+@pytest.mark.slow
+def test_compiled_matches_reference(monkeypatch):
+    monkeypatch.setattr(compiled_mod, "CHUNK_ELEMS", 2 * 4 * 2500)
+    _check(compiled_mod.soft_ce_compiled, (4, 2, 3, 2500), torch.float32)
+
+
+@pytest.mark.skipif(not kernels.has_triton(), reason="triton not installed")
+def test_dino_loss_dispatch_matches_reference_over_steps():
+    """Same loss, gradient and center over three steps with the switch on (Triton) and off (reference)."""
+    k_n = 1100
+    mods = {flag: DINOLoss(k_n, student_temp=TAU_S, center_momentum=0.9) for flag in (False, True)}
+    try:
+        for step in range(3):
+            student, teacher, _ = _inputs((4, 2, 3, k_n), torch.float32, seed=step)
+            out = {}
+            for flag, mod in mods.items():
+                kernels.set_fused(flag)
+                x = student.clone().requires_grad_()
+                loss = mod(x, teacher, TAU_T)
+                loss.backward()
+                mod.reduce_center_update(teacher)
+                mod.apply_center_update()
+                out[flag] = (loss.detach(), x.grad)
+            torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=0)
+            torch.testing.assert_close(out[True][1], out[False][1], rtol=0, atol=1e-5 * out[False][1].abs().max())
+            torch.testing.assert_close(mods[True].center, mods[False].center, rtol=0, atol=1e-6)
+        assert mods[True].center.abs().max() > 0
+    finally:
+        kernels.set_fused(None)
+
+
+def test_switch_env_override(monkeypatch):
+    kernels.set_fused(None)
+    monkeypatch.delenv("FLASHSSL_FUSED", raising=False)
+    assert kernels.use_fused() is False
+    monkeypatch.setenv("FLASHSSL_FUSED", "1")
+    assert kernels.use_fused() is True
+    monkeypatch.setenv("FLASHSSL_FUSED", "0")
+    assert kernels.use_fused() is False
+    kernels.set_fused(True)
+    assert kernels.use_fused() is True
+    kernels.set_fused(None)
+    monkeypatch.setenv("FLASHSSL_FUSED", "yes")
+    with pytest.raises(ValueError, match="FLASHSSL_FUSED"):
+        kernels.use_fused()
