@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import at_least_fp32, fp32_island
+from losses.kernels import relation_ce_fused, use_fused
 
 
 def relation_targets(teacher: torch.Tensor, queue: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -87,6 +88,8 @@ class ReSSLLoss(nn.Module):
             raise ValueError(f"expected student (S, B, {d}) and teacher (B, {d}), got {tuple(student.shape)} and "
                              f"{tuple(teacher.shape)}")
         with fp32_island(student.device.type):
+            if use_fused() and torch.float64 not in (student.dtype, teacher.dtype, self.queue.dtype):
+                return relation_ce_fused(student, teacher.detach(), self.queue, self.student_temp, self.teacher_temp)
             targets = relation_targets(teacher.detach(), self.queue, self.teacher_temp)
             return ressl_cross_entropy(student, targets, self.queue, self.student_temp)
 

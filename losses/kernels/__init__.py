@@ -67,3 +67,16 @@ def soft_ce_fused(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ce
         return soft_ce_triton(student_logits, teacher_logits, center, student_temp, teacher_temp)
     from losses.kernels.soft_ce_compiled import soft_ce_compiled
     return soft_ce_compiled(student_logits, teacher_logits, center, student_temp, teacher_temp)
+
+
+def relation_ce_fused(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor, student_temp: float,
+                      teacher_temp: float) -> torch.Tensor:
+    """Fused ReSSL relation CE: Triton where it can run, else the compiled CPU path.
+
+    Shapes as ``losses.ressl.ressl_cross_entropy``: student (S, B, D), teacher (B, D), queue (K, D) -> scalar.
+    """
+    if triton_ok(student, teacher, queue):
+        from losses.kernels.relation_ce_triton import relation_ce_triton
+        return relation_ce_triton(student, teacher, queue, student_temp, teacher_temp)
+    from losses.kernels.relation_ce_compiled import relation_ce_compiled
+    return relation_ce_compiled(student, teacher, queue, student_temp, teacher_temp)

@@ -1,0 +1,95 @@
+"""Fused ReSSL relation cross-entropy (Triton under TRITON_INTERPRET=1, compiled CPU path) against the reference.
+
+The reference is ``losses.ressl`` evaluated in float64 (itself checked against a naive loop in ``test_ressl.py``).
+Tolerances: fp32 inputs -> loss rel 1e-5, gradient atol 1e-5 * max|grad|; bf16 inputs (the reference sees the
+same bf16-rounded values in float64) -> loss rel 1e-5, gradient atol 1e-2 * max|grad| (bf16 gradient store).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU tensors
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from losses import kernels  # noqa: E402
+from losses.kernels import relation_ce_compiled as compiled_mod  # noqa: E402
+from losses.ressl import ReSSLLoss, relation_targets, ressl_cross_entropy  # noqa: E402
+
+TAU_S, TAU_T = 0.1, 0.04
+# (S, B, D, K): K and D not multiples of the blocks (BLOCK_N 64, BLOCK_M 16), rows (S+1)*B across two M blocks.
+SHAPES = [(2, 5, 24, 300), (1, 3, 16, 64), (3, 7, 40, 130)]
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _inputs(shape, dtype, seed=0):
+    s_n, b_n, d_n, k_n = shape
+    gen = torch.Generator().manual_seed(seed)
+    student = F.normalize(torch.randn(s_n, b_n, d_n, generator=gen), dim=-1).to(dtype)
+    teacher = F.normalize(torch.randn(b_n, d_n, generator=gen), dim=-1).to(dtype)
+    queue = F.normalize(torch.randn(k_n, d_n, generator=gen), dim=-1).to(dtype)
+    return student, teacher, queue
+
+
+def _check(fn, shape, dtype):
+    student, teacher, queue = _inputs(shape, dtype)
+    s64 = student.double().requires_grad_()
+    ref = ressl_cross_entropy(s64, relation_targets(teacher.double(), queue.double(), TAU_T), queue.double(), TAU_S)
+    ref.backward()
+    x = student.clone().requires_grad_()
+    loss = fn(x, teacher, queue, TAU_S, TAU_T)
+    (2.0 * loss).backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    tol = GRAD_TOL[dtype] * 2.0 * s64.grad.abs().max().item()
+    torch.testing.assert_close(x.grad.double(), 2.0 * s64.grad, rtol=0, atol=tol)
+
+
+@pytest.mark.skipif(not kernels.has_triton(), reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_matches_reference(shape, dtype):
+    from losses.kernels.relation_ce_triton import relation_ce_triton
+    _check(relation_ce_triton, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_eager_matches_reference(shape, dtype, monkeypatch):
+    monkeypatch.setattr(compiled_mod, "CHUNK_ELEMS", 4 * shape[3])  # 4 rows per chunk: several chunks + remainder
+
+    def fn(*args):
+        return compiled_mod.relation_ce_compiled(*args, compile=False)
+    _check(fn, shape, dtype)
+
+
+@pytest.mark.slow
+def test_compiled_matches_reference(monkeypatch):
+    monkeypatch.setattr(compiled_mod, "CHUNK_ELEMS", 4 * 300)
+    _check(compiled_mod.relation_ce_compiled, (2, 5, 24, 300), torch.float32)
+
+
+@pytest.mark.skipif(not kernels.has_triton(), reason="triton not installed")
+def test_ressl_loss_dispatch_matches_reference_over_steps():
+    """Same loss, gradient and queue over three steps (forward, backward, enqueue) with the switch on and off."""
+    mods = {flag: ReSSLLoss(dim=24, queue_size=100, init_seed=3) for flag in (False, True)}
+    try:
+        for step in range(3):
+            student, teacher, _ = _inputs((2, 6, 24, 1), torch.float32, seed=step)
+            out = {}
+            for flag, mod in mods.items():
+                kernels.set_fused(flag)
+                x = student.clone().requires_grad_()
+                loss = mod(x, teacher)
+                loss.backward()
+                mod.enqueue(teacher)
+                out[flag] = (loss.detach(), x.grad)
+            torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=0)
+            torch.testing.assert_close(out[True][1], out[False][1], rtol=0, atol=1e-5 * out[False][1].abs().max())
+            torch.testing.assert_close(mods[True].queue, mods[False].queue, rtol=0, atol=0)
+            assert int(mods[True].queue_ptr) == int(mods[False].queue_ptr)
+    finally:
+        kernels.set_fused(None)
