@@ -145,6 +145,7 @@ def train_linear_probe(frozen: FrozenBackbone, train_loader, val_split: EvalSpli
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
+        dist.all_reduce_mean(loss_sum)  # mean over ranks of per-rank means = the global-batch loss (equal shards)
         row = {"epoch": epoch, "train_loss": loss_sum.item() / max(1, spe), "lr_end": opt.param_groups[0]["lr"]}
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
             row.update(evaluate(frozen, head, val_split, eval_batch_size))
