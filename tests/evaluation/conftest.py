@@ -111,7 +111,8 @@ class TensorLoader:
     permutation; rank r takes rows r, r + world, ... of each global batch."""
 
     def __init__(self, images, labels, batch: int, rank: int = 0, world: int = 1, seed: int = 0):
-        self.images, self.labels, self.batch, self.rank, self.world, self.seed = images, labels, batch, rank, world, seed
+        self.images, self.labels, self.batch = images, labels, batch
+        self.rank, self.world, self.seed = rank, world, seed
 
     def __len__(self) -> int:
         return len(self.labels) // (self.batch * self.world)

@@ -78,8 +78,8 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_ckpt, tiny_folder, tmp_path
                   "resnet50"))
     missing = dict(state, model={k: v for k, v in state["model"].items() if "layer4.0.conv1" not in k})
     atomic_save(missing, str(tmp_path / "missing_key.pt"))
-    cases.append((["export", "--checkpoint", str(tmp_path / "missing_key.pt"), "--out", str(tmp_path / "m.safetensors")],
-                  "layer4.0.conv1"))
+    out = str(tmp_path / "m.safetensors")
+    cases.append((["export", "--checkpoint", str(tmp_path / "missing_key.pt"), "--out", out], "layer4.0.conv1"))
     for args, needle in cases:
         rc, _, err = _run(args, capsys)
         assert rc == 2 and needle in err and "Traceback" not in err, (args, err)

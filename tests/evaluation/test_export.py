@@ -1,6 +1,5 @@
 """eval.py export: plain timm loads the .safetensors file and computes identical features."""
 
-import pytest
 import timm
 import torch
 from safetensors import safe_open

@@ -37,7 +37,8 @@ def data():
 def test_topk_matches_full_sort_for_any_chunking(data, query_chunk, bank_chunk):
     bank, _, queries, _ = data
     sims, idx = knn_topk(bank, queries, 20, query_chunk, bank_chunk)
-    full = (torch.nn.functional.normalize(queries.double(), dim=1) @ torch.nn.functional.normalize(bank.double(), dim=1).T)
+    unit = torch.nn.functional.normalize
+    full = unit(queries.double(), dim=1) @ unit(bank.double(), dim=1).T
     ref_s, ref_i = full.sort(dim=1, descending=True)
     torch.testing.assert_close(sims.double(), ref_s[:, :20], rtol=0, atol=1e-5)
     assert torch.equal(idx, ref_i[:, :20])
