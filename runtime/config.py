@@ -98,7 +98,9 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     os_cache: bool = True  # ffcv: read through the page cache (True when the dataset fits in RAM)
     order: Literal["random", "quasi_random"] = "random"  # ffcv sample order; quasi_random needs less RAM
-    eval_size: int = 224  # kNN / probe center-crop side; images are resized to eval_size * 256/224 first
+    # kNN / probe center-crop side (images are resized to eval_size * 256/224 first). 0 = the first global view's
+    # size: evaluate at the resolution the backbone was trained at (224 for the ImageNet recipes).
+    eval_size: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -112,6 +114,8 @@ class DataConfig:
             raise ConfigError("data.views: at least one view must have role 'global'")
         if roles != sorted(roles, key=lambda r: r != "global"):
             raise ConfigError(f"data.views: global views must come before local views, got roles {roles}")
+        if self.eval_size == 0:
+            self.eval_size = self.views[0].size
 
     @property
     def n_global(self) -> int:
