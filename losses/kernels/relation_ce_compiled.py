@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-CHUNK_ELEMS = 1 << 21  # fp32 logits per chunk (8 MiB): sets the peak temporary memory
+CHUNK_ELEMS = 1 << 18  # fp32 logits per chunk (1 MiB): sets the peak temporary memory
 
 
 def _rows_chunk(x: torch.Tensor, queue: torch.Tensor, inv_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-CHUNK_ELEMS = 1 << 21  # fp32 elements of student logits per chunk (8 MiB): sets the peak temporary memory
+CHUNK_ELEMS = 1 << 18  # fp32 elements of student logits per chunk (1 MiB): sets the peak temporary memory
 
 
 def _fwd_chunk(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, inv_ts: torch.Tensor, inv_tt: torch.Tensor):
