@@ -27,10 +27,14 @@ def test_bench_runs_on_tiny_data(tmp_path, capsys):
     for r in rows:
         assert r["img_s"] > 0 and r["first_batch_s"] > 0 and r["peak_pss_mib"] > 0, r
         assert r["images_per_epoch"] == 12  # 3 full batches of 4
-        assert r["vs_ceiling"] == pytest.approx(r["img_s"] / report["decode_ceiling"]["img_s"])
+        assert r["vs_ceiling"] == pytest.approx(r["img_s"] / report["decode_ceilings"]["original"]["img_s"])
+        assert r["vs_stored_ceiling"] == pytest.approx(r["img_s"] / report["decode_ceilings"]["stored"]["img_s"])
+        assert r["cpu_ms_per_img"] > 0 and r["cpu_vs_ceiling"] > 0
         base = next(b for b in rows if b["recipe"] == r["recipe"] and b["loader"] == "torchvision")
         assert r["vs_baseline"] == pytest.approx(r["img_s"] / base["img_s"])
-    assert report["decode_ceiling"]["img_s"] > 0 and 40 <= report["decode_ceiling"]["mean_side"] <= 48
+    ceil = report["decode_ceilings"]
+    assert ceil["stored"]["img_s"] > 0 and 40 <= ceil["stored"]["mean_side"] <= 48  # pre-resized to --max-side
+    assert ceil["original"]["img_s"] > 0 and ceil["original"]["mean_side"] > 50
     assert report["settings"]["images"] == 12 and report["settings"]["views"] == "2x32 + 2x16"
     assert set(report["targets"]) == {"ffcv_full_vs_baseline>=5", "ffcv_crop_vs_ceiling>=0.5"}
     printed = capsys.readouterr().out
