@@ -52,6 +52,8 @@ def add_knn_parser(sub) -> None:
                    help="labelled queries: ImageFolder directory or .beton")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100], help="neighbour counts (DINO reports k=20)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim/T)")
+    p.add_argument("--size", type=int, default=0,
+                   help="center-crop side (resize = size*256/224); 0 = the checkpoint's data.eval_size")
     p.add_argument("--random-baseline", action="store_true", help="also evaluate a random-init backbone")
     p.add_argument("--report", default=None, help="run directory: print the demo results table with its images/s")
     p.add_argument("--out", default=None, help="write the results JSON here")
@@ -127,6 +129,8 @@ def run_knn(args) -> dict:
     path = resolve_checkpoint(args.checkpoint)
     device = _device(args.device)
     backbone, cfg = load_backbone(path, args.weights)
+    if args.size:
+        cfg.data.eval_size = args.size
     precision = _precision("auto", cfg, device)
     res = knn_of_checkpoint(path, args.train_dir, args.val_dir, device, args.weights, tuple(args.k),
                             args.temperature, args.random_baseline, cache=_cache(args, path, args.weights, precision),

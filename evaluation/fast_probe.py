@@ -128,8 +128,9 @@ def fast_linear_probe(frozen: FrozenBackbone, train_split: EvalSplit, val_split:
     t0 = time.perf_counter()
     feats = cached_probe_features(frozen, train_split, val_split, make_aug_loader, cfg, cache, batch_size)
     t1 = time.perf_counter()
+    pieces = 2 + cfg.fast.copies
     log(f"[fast] features: train {tuple(feats['train_x'].shape)} val {tuple(feats['val_x'].shape)} "
-        f"({t1 - t0:.1f} s{', from cache' if cache.hits else ''})")
+        f"({t1 - t0:.1f} s; {len(cache.hits)} of {pieces} pieces from the cache)")
     res = train_on_features(feats["train_x"], feats["train_y"], feats["val_x"], feats["val_y"], num_classes, cfg)
     res.update(feature_seconds=t1 - t0, train_seconds=time.perf_counter() - t1, cache_hits=list(cache.hits),
                train_features=int(feats["train_x"].shape[0]))
