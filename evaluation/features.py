@@ -20,7 +20,8 @@ from runtime import dist
 class FrozenBackbone:
     """A backbone in eval mode plus its input contract: uint8 images -> normalised (channels-last) -> features.
 
-    ``autocast_dtype`` None = fp32. Call it under ``torch.no_grad()``; returns float32 (B, D).
+    ``autocast_dtype`` None = fp32. Features never carry gradients; returns float32 (B, D). The module is put in
+    eval mode (``release()`` restores its previous mode); its parameters are not modified.
     """
 
     module: nn.Module
@@ -31,9 +32,12 @@ class FrozenBackbone:
     channels_last: bool = False
 
     def __post_init__(self) -> None:
+        self._was_training = self.module.training
         self.module = self.module.to(self.device).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+
+    def release(self) -> None:
+        """Give the module back in the train/eval mode it had (e.g. the trainer's student after an in-run kNN)."""
+        self.module.train(self._was_training)
 
     @property
     def feature_dim(self) -> int:
@@ -43,6 +47,7 @@ class FrozenBackbone:
         with torch.no_grad():
             return int(self(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape[1])
 
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, S, S) -> float32 (B, D) pooled features."""
         x = normalize(images, self.mean, self.std, self.device, self.channels_last)

@@ -54,6 +54,7 @@ def knn_of_backbone(backbone, cfg: Config, train_path: str, val_path: str, devic
                                 lambda: _features(frozen, train, cfg.eval.batch_size), device, train_path)
     q = cache.get_or_compute("val", {**parts, "split": "val"},
                              lambda: _features(frozen, val, cfg.eval.batch_size), device, val_path)
+    frozen.release()
     out: dict = knn_accuracies(bank["x"], bank["y"], q["x"], q["y"], ks, temperature, num_classes)
     out["seconds"] = time.perf_counter() - t0
     return out
