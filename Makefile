@@ -29,8 +29,11 @@ $(STAMP): requirements.txt | sysdeps
 ## demo: built-in dataset -> DINO pretraining on the CPU -> kNN (pretrained vs random init) + images/s table
 demo: setup
 	$(PY) -m pipeline.demo_dataset --out data/demo
+	$(PY) convert_dataset.py --src data/demo/train --out data/demo --format both -q
+	$(PY) convert_dataset.py --src data/demo/val --out data/demo --format both -q \
+	  --class-index data/demo/ffcv/train.classes.json
 	$(PY) train.py --method dino --config configs/exp/dino_demo.yaml train.knn_at_end=false
-	$(PY) eval.py knn --checkpoint auto:runs/dino_demo --train-dir data/demo/train --val-dir data/demo/val \
+	$(PY) eval.py knn --checkpoint runs/dino_demo --train-dir data/demo/train --val-dir data/demo/val \
 	  --random-baseline --report runs/dino_demo
 
 ## test: the whole suite (CPU). Slow tests are included; `make test-fast` skips them.

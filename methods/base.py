@@ -14,7 +14,7 @@ A method is an ``nn.Module`` holding ``student`` (trained; contains backbone + h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ class SSLMethod(nn.Module):
     eval_weights: ClassVar[str] = "student"
 
     student: nn.Module
-    teacher: Optional[nn.Module]
+    teacher: nn.Module | None
 
     def forward(self, views: list[torch.Tensor], n_global: int, ctx: StepContext) -> StepOutput:  # pragma: no cover
         """Args: views — V tensors (B, 3, H_v, W_v) normalised, globals first. Returns the step's loss."""

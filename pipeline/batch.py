@@ -40,7 +40,7 @@ class Batch:
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = True) -> Batch:
         return Batch(
             views=[v.to(device, non_blocking=non_blocking) for v in self.views],
             labels=self.labels.to(device, non_blocking=non_blocking),

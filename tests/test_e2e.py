@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY_OVERRIDES
-
 import eval as eval_cli  # noqa: E402
 import train as train_cli  # noqa: E402
+from tests.conftest import ROOT, TINY_OVERRIDES
 
 
 def _args(folder, out_dir):
