@@ -34,7 +34,7 @@ def test_demo_recipe_trains_finite(name, demo_root, tmp_path):
     cfg = load_config(name, [exp], [
         f"data.train_path={demo_root}/train", f"eval.train_dir={demo_root}/val", f"eval.val_dir={demo_root}/val",
         f"train.out_dir={tmp_path}", "train.epochs=2", f"train.steps_per_epoch={STEPS // 2}", "train.log_every=1",
-        "train.tensorboard=false", "train.ckpt_every=100000", "data.workers=1", "data.batch_size=32"])
+        "train.tensorboard=false", "train.ckpt_every=100000", "data.workers=1"])
     trainer = Trainer(cfg)
     state = trainer.fit()
     losses = torch.tensor([h["loss"] for h in state.history])
