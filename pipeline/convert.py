@@ -48,6 +48,7 @@ from pipeline.scan import (
     read_and_prepare,
     scan_image_folder,
 )
+from runtime.procs import pid_alive
 
 FORMAT_VERSION = 1
 FORMATS = ("ffcv", "dali", "both")
@@ -146,16 +147,6 @@ def output_state(target: Target, settings: dict, fingerprint: str) -> str:
     return "current" if same and files_ok and os.path.exists(target.path) else "stale"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temps(target: Target) -> None:
     """Delete temporaries that killed conversions to this output left behind (``.<stem>.[...].tmp|old|spool-<pid>``
     of processes that no longer exist)."""
@@ -165,7 +156,7 @@ def _remove_stale_temps(target: Target) -> None:
     pattern = re.compile(rf"^\.{re.escape(stem)}\.(.*\.)?(tmp|old|spool)-(\d+)$")
     for entry in os.listdir(parent):
         m = pattern.match(entry)
-        if m and not _pid_alive(int(m.group(3))):
+        if m and not pid_alive(int(m.group(3))):
             full = os.path.join(parent, entry)
             shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
 

@@ -41,6 +41,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from runtime.procs import pid_alive
+
 GENERATOR_VERSION = 1
 CLASSES = ("circle", "ring", "triangle", "square", "star", "cross", "spiral", "stripes", "checkerboard", "dots")
 SPLITS = {"train": 0, "val": 1}
@@ -269,16 +271,6 @@ def _swap_in(root: str, tmp: str) -> None:
         os.rename(os.path.join(tmp, s), final)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def ensure_demo_dataset(root: str = "data/demo", *, workers: int | None = None, force: bool = False,
                         log: Callable[[str], None] = print, **params: int) -> str:
     """Generate the demo dataset under ``root`` unless an identical one is already there.
@@ -299,7 +291,7 @@ def ensure_demo_dataset(root: str = "data/demo", *, workers: int | None = None, 
     t0 = time.perf_counter()
     os.makedirs(root, exist_ok=True)
     for entry in os.listdir(root):  # leftovers of killed runs (their pid is gone)
-        if entry.startswith(".demo.tmp-") and entry[10:].isdigit() and not _pid_alive(int(entry[10:])):
+        if entry.startswith(".demo.tmp-") and entry[10:].isdigit() and not pid_alive(int(entry[10:])):
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
     tmp = os.path.join(root, f".demo.tmp-{os.getpid()}")
     if os.path.exists(tmp):
