@@ -22,7 +22,6 @@ sysdeps:
 setup: $(STAMP)
 $(STAMP): requirements.txt | sysdeps
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip >/dev/null
 	$(PY) -m pip install -q -r requirements.txt $$(ls requirements-*.txt 2>/dev/null | sed 's/^/-r /')
 	@rm -f $(VENV)/.installed-* && touch $@
 
