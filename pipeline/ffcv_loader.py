@@ -29,7 +29,9 @@ Behaviour and choices:
 * Determinism: order and crops depend only on (seed, epoch, index) - not on threads, batch size split or timing - so
   ``epoch_iter(epoch, start)`` resumes exactly at batch ``start``.
 * Threads: ``data_cfg.workers`` numba threads decode in parallel from one FFCV background thread (``0`` = 1 thread).
-  FFCV also sets torch's intra-op thread count to that number in its thread; the builder restores it on the caller.
+  Side effect of FFCV: its thread sets torch's (process-wide) intra-op thread count to ``workers`` when an epoch
+  starts; the builder restores the caller's value after construction, but a training process on the CPU ends up
+  with ``workers`` torch threads.
 * Buffer lifetime: the view tensors alias FFCV's ring buffer and stay valid until the next batch is requested (the
   usual FFCV contract; ``clone()`` views you keep longer); labels and indices are copies. On CUDA the views are
   copied to the device (non-blocking, from pinned memory) and FFCV's stream events keep the slot alive until the

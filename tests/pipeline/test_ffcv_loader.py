@@ -6,6 +6,7 @@ check) and "gradient" images (R encodes x, G encodes y, so the crop box and flip
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -214,11 +215,17 @@ def test_quasi_random_order_is_page_local_and_sharded():
     assert not np.array_equal(orders[0], _quasi_random_order(pages, 0, 3, 10, 0, 2, 50))
 
 
-def test_quasi_random_loader_shards(betons):
-    cfg = _cfg(betons["constant"], _small_dino(), batch_size=3, order="quasi_random")
-    seen = [torch.cat([b.indices.clone() for b in build_ffcv_loader(cfg, seed=0, rank=r, world_size=2,
-                                                                     device=CPU).epoch_iter(0)]).tolist()
-            for r in range(2)]
+def test_quasi_random_loader_shards_with_process_cache(betons):
+    """quasi_random is meant for os_cache=False (FFCV's process cache loads only the pages an epoch needs)."""
+    cfg = dataclasses.replace(_cfg(betons["constant"], _small_dino(), batch_size=3, order="quasi_random"),
+                              os_cache=False)
+    seen = [[], []]
+    for r in range(2):
+        for b in build_ffcv_loader(cfg, seed=0, rank=r, world_size=2, device=CPU).epoch_iter(0):
+            seen[r] += b.indices.tolist()
+            for k, i in enumerate(betons["ids"][b.indices.numpy()].tolist()):  # bytes read through the process cache
+                want = torch.from_numpy(colour_of(i)).float()
+                assert (b.views[-1][k].float().mean((1, 2)) - want).abs().max() <= 6
     assert len(seen[0]) == len(seen[1]) == 12 and sorted(seen[0] + seen[1]) == list(range(N_IMAGES))
 
 
@@ -233,3 +240,29 @@ def test_bad_inputs_raise_clear_errors(tmp_path, betons):
     with pytest.raises(ConfigError, match="batch_size"):
         build_ffcv_loader(_cfg(betons["constant"], _small_dino(), batch_size=64), seed=0, rank=0, world_size=1,
                           device=CPU)
+
+
+def _ranked_indices(rank: int, world_size: int, tmpdir: str, path: str) -> list[int]:
+    """One epoch of this rank's indices, built through pipeline.build_loader inside a gloo process group."""
+    import torch.distributed as tdist
+
+    from pipeline import build_loader
+
+    cfg = _cfg(path, [ViewConfig("global", 1, 24, (0.5, 1.0))], batch_size=5)
+    loader = build_loader(cfg, seed=4, rank=tdist.get_rank(), world_size=tdist.get_world_size(), device=CPU)
+    mine = torch.cat([b.indices.clone() for b in loader.epoch_iter(2)])
+    gathered = [torch.zeros_like(mine) for _ in range(world_size)]
+    tdist.all_gather(gathered, mine)  # equal lengths on every rank, or gloo would fail here
+    return torch.stack(gathered).tolist()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sharding_under_gloo(betons):
+    from tests.dist_helpers import run_distributed
+
+    results = run_distributed(_ranked_indices, 2, betons["constant"])
+    assert results[0] == results[1]
+    r0, r1 = results[0]
+    assert len(r0) == len(r1) == 10 and not set(r0) & set(r1)
+    assert [r0, r1] == [shard_indices(N_IMAGES, 5, 4, 2, r, 2).tolist() for r in range(2)]
