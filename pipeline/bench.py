@@ -235,6 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loaders", default=",".join(LOADERS), help=f"subset of {','.join(LOADERS)}")
     p.add_argument("--recipes", default=",".join(RECIPES), help="subset of crop,full")
     p.add_argument("--jitter", choices=("exact", "fused"), default="exact", help="DeviceAugment colour jitter impl")
+    p.add_argument("--compile-augment", action="store_true", help="torch.compile DeviceAugment's elementwise stages "
+                   "(compiled during the warm-up epoch)")
     p.add_argument("--ceiling-seconds", type=float, default=3.0, help="duration of the decode-ceiling measurement")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--no-malloc-env", action="store_true", help="keep glibc's default malloc thresholds")
@@ -274,7 +276,8 @@ def run_one(args: argparse.Namespace, kind: str, recipe: str, path: str) -> dict
     cfg = data_config(args, kind, path, recipe)
     augment = None
     if recipe == "full" and kind != "torchvision":
-        augment = DeviceAugment(cfg.expanded_views(), cfg.mean, cfg.std, seed=0, flip=False)
+        augment = DeviceAugment(cfg.expanded_views(), cfg.mean, cfg.std, seed=0, flip=False,
+                                compile=args.compile_augment)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         loader = build(kind, cfg)
@@ -321,7 +324,8 @@ def targets(rows: list[dict]) -> dict:
 def print_table(rows: list[dict], ceilings: dict, settings: dict) -> None:
     print(f"\nloader benchmark - {settings['images']} images, batch {settings['batch_size']}, "
           f"{settings['workers']} workers, {settings['cpus']} CPUs, views {settings['views']}, "
-          f"malloc env {'on' if settings['malloc_env'] else 'off'}")
+          f"malloc env {'on' if settings['malloc_env'] else 'off'}, jitter {settings['jitter']}"
+          f"{' (compiled)' if settings['compile_augment'] else ''}, torch threads {settings['torch_threads']}")
     for name, c in ceilings.items():
         print(f"JPEG decode ceiling, {name} JPEGs (mean {c['mean_side']:.0f} px; {c['decoder']}, {c['processes']} "
               f"processes): {c['img_s']:,.0f} img/s, {c['cpu_ms_per_img']:.2f} CPU ms/img")
@@ -369,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"images": n_images, "batch_size": args.batch_size, "workers": args.workers,
                 "cpus": os.cpu_count(), "views": f"2x{g} + {args.n_local}x{s}", "epochs": args.epochs,
                 "warmup_epochs": args.warmup_epochs, "max_side": args.max_side, "jitter": args.jitter,
+                "compile_augment": args.compile_augment,
                 "malloc_env": all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
                 "torch_threads": torch.get_num_threads()}
     print_table(rows, ceilings, settings)
