@@ -231,7 +231,7 @@ class DALILoader:
         n_global = self.cfg.n_global
         for out in it:
             d = out[0]
-            indices = d["index"].reshape(-1).to(torch.int64).cpu()  # copied: the iterator refills its buffers
+            indices = d["index"].reshape(-1).to("cpu", torch.int64, copy=True)  # the iterator refills its buffers
             labels = torch.from_numpy(self.index.labels[indices.numpy()])
             views = [d[n].permute(0, 3, 1, 2) for n in names[:-1]]  # HWC -> (B, 3, S, S) channels-last, no copy
             yield Batch(views=views, labels=labels.to(views[0].device), indices=indices.to(views[0].device),

@@ -56,9 +56,10 @@ def _epoch(loader, epoch: int, start: int = 0) -> list:
 def test_batches_labels_shapes_and_decode_once(shards):
     loader = build_dali_loader(_cfg(shards["constant"], _small_dino()), seed=0, rank=0, world_size=1, device=CPU)
     assert len(loader) == N_IMAGES // 4
-    seen, n_batches = [], 0
+    seen, n_batches, indices = [], 0, []
     for b in loader.epoch_iter(0):
         n_batches += 1
+        indices.append(b.indices)  # kept without clone: labels and indices must be copies
         assert b.n_global == 2 and len(b.views) == 8
         assert [tuple(v.shape) for v in b.views] == [(4, 3, 40, 40)] * 2 + [(4, 3, 16, 16)] * 6
         assert all(v.dtype == torch.uint8 for v in b.views)
@@ -70,6 +71,7 @@ def test_batches_labels_shapes_and_decode_once(shards):
                 assert (v[k].float().reshape(3, -1) - want[:, None]).abs().max() <= 8, (i, want)
         seen += b.indices.tolist()
     assert n_batches == len(loader) and sorted(seen) == list(range(N_IMAGES))
+    assert torch.cat(indices).tolist() == seen
 
 
 def test_sharding_determinism_and_resume(shards):

@@ -95,9 +95,10 @@ def dino_loader(betons):
 
 def test_batches_labels_shapes_and_decode_once(dino_loader, betons):
     assert len(dino_loader) == N_IMAGES // 4
-    seen, n_batches = [], 0
+    seen, n_batches, kept = [], 0, []
     for b in dino_loader.epoch_iter(0):  # streamed: views alias the loader's ring buffer
         n_batches += 1
+        kept.append((b.indices, b.labels))  # kept without clone: labels and indices must be copies
         assert b.n_global == 2 and len(b.views) == 8
         assert [tuple(v.shape) for v in b.views] == [(4, 3, 40, 40)] * 2 + [(4, 3, 16, 16)] * 6
         assert all(v.dtype == torch.uint8 for v in b.views)
@@ -110,6 +111,8 @@ def test_batches_labels_shapes_and_decode_once(dino_loader, betons):
                 assert (pix - want[:, None]).abs().max() <= 8, (i, pix.mean(1), want)
         seen += b.indices.tolist()
     assert n_batches == len(dino_loader)
+    assert torch.cat([k[0] for k in kept]).tolist() == seen
+    assert torch.cat([k[1] for k in kept]).tolist() == (betons["ids"][seen] % 3).tolist()
     assert sorted(seen) == list(range(N_IMAGES))  # one epoch = every sample once (24 = 6 full batches)
 
 
