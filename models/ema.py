@@ -9,10 +9,17 @@ from torch import nn
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
-    """Deep copy of ``student`` with gradients off (the EMA target)."""
+    """Deep copy of ``student`` with gradients off and stochastic depth off (the EMA target).
+
+    DINO builds its teacher without drop path (only the student gets ``drop_path_rate``); a plain deep copy would keep
+    the student's timm ``DropPath`` modules active in the teacher, so their ``drop_prob`` is zeroed here.
+    """
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    for m in teacher.modules():
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
     return teacher
 
 

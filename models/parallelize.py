@@ -28,7 +28,11 @@ def parallelize(method: nn.Module, cfg: ModelConfig, device: torch.device) -> nn
         method = method.to(memory_format=torch.channels_last)
     if cfg.compile:
         for net in (getattr(method, "student", None), getattr(method, "teacher", None)):
-            if net is not None and hasattr(net, "backbone"):
+            if net is None or not hasattr(net, "backbone"):
+                continue
+            if hasattr(net, "compile_backbone"):  # nets that call the backbone through another entry point (SCFS)
+                net.compile_backbone()
+            else:
                 net.backbone.compile(dynamic=False)  # one graph per crop resolution; warm-up reported by --benchmark
     if dist.world_size() > 1:
         ids = [device.index] if device.type == "cuda" else None

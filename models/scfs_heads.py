@@ -89,6 +89,10 @@ class SCFSNet(nn.Module):
         chans = [backbone.feature_info[i]["num_chs"] for i in self._indices]
         self.shallow_heads = nn.ModuleList(DINOShallowHead(c, bottleneck_dim, hidden_dim, out_dim) for c in chans)
 
+    def compile_backbone(self) -> None:
+        """``torch.compile`` the entry point SCFS actually uses (``forward_stages``, not ``backbone.forward``)."""
+        self.forward_stages = torch.compile(self.forward_stages, dynamic=False)
+
     def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One backbone pass. (N, 3, H, W) -> pooled (N, D_backbone), per stage map (N, C_k, H_k, W_k)."""
         final, maps = self.backbone.forward_intermediates(x, indices=self._indices)

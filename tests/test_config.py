@@ -32,6 +32,12 @@ def test_views_expand_and_lists_override(tmp_path):
     assert sizes == [64, 64, 32, 32, 32]
 
 
+def test_exponent_without_dot_is_a_float():
+    # YAML 1.1 reads '1e-5' as a string; a float field must still take it
+    cfg = load_config("dino", [], ["optim.min_lr=1e-5", "optim.lr=2E-3"])
+    assert cfg.optim.min_lr == 1e-5 and cfg.optim.lr == 2e-3
+
+
 @pytest.mark.parametrize(
     "override, needles",
     [

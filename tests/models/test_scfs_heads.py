@@ -70,3 +70,11 @@ def test_stage_indices_reject_non_resnet():
     with pytest.raises(ValueError, match="no ResNet stages layer2"):
         stage_indices(vit, (2, 3, 4))
     assert stage_indices(build_backbone(ModelConfig(backbone="resnet18")), (2, 4)) == [2, 4]
+
+
+def test_compile_backbone_compiles_the_entry_point_scfs_uses(monkeypatch):
+    net = _net().eval()
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    net.compile_backbone()
+    assert compiled and compiled[0].__func__ is SCFSNet.forward_stages  # not backbone.forward, which SCFS never calls
