@@ -22,6 +22,7 @@ from torch import nn
 
 from losses.common import fp32_island
 from losses.intl import norm_mse
+from losses.kernels import group_channel_whiten_fused, use_fused
 from losses.whitening import compute_dtype, group_channel_whiten
 
 _MASK64 = (1 << 64) - 1
@@ -67,13 +68,14 @@ def draw_partitions(gen: torch.Generator, w_iter: int, batch: int, w_size: int, 
 
 
 def cw_rgp_whiten(z: torch.Tensor, sample_perm: torch.Tensor, channel_perm: torch.Tensor, groups: int,
-                  eps: float = 0.0, minus: int = 1) -> torch.Tensor:
+                  eps: float = 0.0, minus: int = 1, whiten=group_channel_whiten) -> torch.Tensor:
     """Whiten every (repetition, sub-batch, view) block, returned in the original sample order.
 
     Args:
         z: (V, B, D) head outputs of the V views.
         sample_perm: (I, B) sample partitions.
         channel_perm: (I, S, V, D) channel permutations.
+        whiten: the block whitening function (the reference, or ``losses.kernels.group_channel_whiten_fused``).
     Returns:
         (I, V, B, D) whitened views (compute dtype).
     """
@@ -82,7 +84,7 @@ def cw_rgp_whiten(z: torch.Tensor, sample_perm: torch.Tensor, channel_perm: torc
     w_size = batch // n_sub
     blocks = z[:, sample_perm.view(n_iter, n_sub, w_size)]  # (V, I, S, n, D)
     blocks = blocks.permute(1, 2, 0, 3, 4)  # (I, S, V, n, D)
-    white = group_channel_whiten(blocks, channel_perm, groups, eps, minus)
+    white = whiten(blocks, channel_perm, groups, eps, minus)
     white = white.permute(0, 2, 1, 3, 4).reshape(n_iter, n_views, batch, dim)  # rows in sample_perm order
     inverse = sample_perm.argsort(dim=-1)[:, None, :, None].expand(n_iter, n_views, batch, dim)
     return white.gather(2, inverse)
@@ -146,7 +148,8 @@ class CWRGPLoss(nn.Module):
             raise ValueError(f"CW-RGP expects (V, B, D) with V >= 2 views, got {tuple(z.shape)}")
         with fp32_island(z.device.type):
             z = z.to(compute_dtype(z))
-            white = cw_rgp_whiten(z, sample_perm, channel_perm, self.groups, self.eps, self.minus)
+            whiten = group_channel_whiten_fused if use_fused() and z.dtype != torch.float64 else group_channel_whiten
+            white = cw_rgp_whiten(z, sample_perm, channel_perm, self.groups, self.eps, self.minus, whiten)
             mse = pair_loss(white, self.norm)
             logs = {"mse": mse.detach()}
             loss = mse

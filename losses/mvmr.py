@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import at_least_fp32, fp32_island
+from losses.kernels import distance_correlations_fused, use_fused
 
 
 # ---------------------------------------------------------------------------------------------- distance correlation
@@ -127,15 +128,21 @@ class MVMRLoss(nn.Module):
             raise ValueError(f"MV-MR needs at least 2 samples per rank (std, dCor), got batch {z_o.shape[0]}")
         with fp32_island(z_o.device.type):
             z_o, z_a = at_least_fp32(z_o), at_least_fp32(z_a)
-            terms = {
-                "mse": invariance_term(z_o, z_a),
-                "std": variance_term(z_a, self.std_margin) + variance_term(z_o, self.std_margin),
-                "dc_zz": 1.0 - distance_correlation(z_o, z_a, self.z_clamp, self.z_clamp),
-            }
             for name, t in targets.items():
                 if t.features.shape[0] != z_a.shape[0]:
                     raise ValueError(f"target {name!r} has batch {t.features.shape[0]}, embeddings have {z_a.shape[0]}")
-                dc = distance_correlation(t.features.detach().flatten(1), z_a, t.clamp, self.z_clamp)
+            xs = [z_o] + [t.features.detach().flatten(1) for t in targets.values()]
+            clamps = [self.z_clamp] + [t.clamp for t in targets.values()]
+            if use_fused() and all(x.dtype != torch.float64 for x in xs + [z_a]):
+                dcs = distance_correlations_fused(z_a, xs, self.z_clamp, clamps)  # z_a's matrix built once
+            else:
+                dcs = [distance_correlation(x, z_a, c, self.z_clamp) for x, c in zip(xs, clamps)]
+            terms = {
+                "mse": invariance_term(z_o, z_a),
+                "std": variance_term(z_a, self.std_margin) + variance_term(z_o, self.std_margin),
+                "dc_zz": 1.0 - dcs[0],
+            }
+            for (name, t), dc in zip(targets.items(), dcs[1:]):
                 terms[f"dc_{name}"] = 1.0 - dc if t.maximise else dc
             loss = torch.stack(list(terms.values())).sum()
         return loss, {k: v.detach() for k, v in terms.items()}

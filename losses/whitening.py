@@ -9,7 +9,7 @@ Terminology (both official repos): ``axis=0`` is *channel whitening*: every samp
 and the N x N Gram matrix of the samples (features acting as observations) is whitened. ``axis=1`` is batch
 whitening: features centred over the batch, D x D covariance.
 
-These functions are the reference path a fused kernel (``losses/kernels/fused_whiten.py``) must reproduce; keep
+These functions are the reference path the fused kernels (``losses/kernels/whiten_compiled.py``) reproduce; keep
 their signatures stable.
 """
 

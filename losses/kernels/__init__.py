@@ -80,3 +80,43 @@ def relation_ce_fused(student: torch.Tensor, teacher: torch.Tensor, queue: torch
         return relation_ce_triton(student, teacher, queue, student_temp, teacher_temp)
     from losses.kernels.relation_ce_compiled import relation_ce_compiled
     return relation_ce_compiled(student, teacher, queue, student_temp, teacher_temp)
+
+
+def distance_correlations_fused(y: torch.Tensor, xs: list[torch.Tensor], y_clamp: float,
+                                x_clamps: list[float]) -> torch.Tensor:
+    """Fused MV-MR distance correlations ``dCor(x_r, y)`` sharing ``y``'s centred distance matrix (compiled path;
+    on CUDA the same compiled code runs). Shapes as ``losses.mvmr.distance_correlation``: y (N, Q), xs R x (N, P_r)
+    -> (R,) fp32."""
+    from losses.kernels.dcor_compiled import distance_correlations_compiled
+    return distance_correlations_compiled(y, xs, y_clamp, x_clamps)
+
+
+def self_assignment_fused(h: torch.Tensor, h_bar: torch.Tensor, eps: float, n_iters: int,
+                          distributed: bool = False) -> torch.Tensor:
+    """Fused ReSA Sinkhorn self-assignment (compiled scaling form). Shapes as ``losses.resa.self_assignment``:
+    h (B_l, E), h_bar (B, E) -> (B_l, B) fp32."""
+    from losses.kernels.resa_compiled import self_assignment_compiled
+    return self_assignment_compiled(h, h_bar, eps, n_iters, distributed)
+
+
+def resa_cross_entropy_fused(z: torch.Tensor, z_bar: torch.Tensor, assignment: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """Fused ReSA assignment cross-entropy (compiled, one pass per view pair). Shapes as
+    ``losses.resa.resa_cross_entropy``: z (V, B_l, D), z_bar (M, B, D), A (B_l, B) -> scalar fp32."""
+    from losses.kernels.resa_compiled import resa_cross_entropy_compiled
+    return resa_cross_entropy_compiled(z, z_bar, assignment, temperature)
+
+
+def iternorm_whiten_fused(x: torch.Tensor, iters: int = 4, axis: int = 0) -> torch.Tensor:
+    """Fused INTL IterNorm (hand-written backward, compiled pieces). Shapes as
+    ``losses.whitening.iternorm_whiten``: (..., N, D) -> (..., N, D)."""
+    from losses.kernels.whiten_compiled import iternorm_whiten_compiled
+    return iternorm_whiten_compiled(x, iters, axis)
+
+
+def group_channel_whiten_fused(x: torch.Tensor, channel_perm: torch.Tensor, groups: int, eps: float = 0.0,
+                               minus: int = 1) -> torch.Tensor:
+    """Fused CW-RGP grouped ZCA channel whitening (closed-form inverse-sqrt adjoint, compiled pieces). Shapes as
+    ``losses.whitening.group_channel_whiten``: (..., n, D), (..., D) -> (..., n, D)."""
+    from losses.kernels.whiten_compiled import group_channel_whiten_compiled
+    return group_channel_whiten_compiled(x, channel_perm, groups, eps, minus)
