@@ -1,0 +1,144 @@
+"""Per-sample Gaussian blur for :class:`pipeline.gpu_augment.DeviceAugment`: a direct CPU kernel and the dispatcher.
+
+:func:`pipeline.augment_ops.gaussian_blur` (a grouped convolution, any device) is the reference. On a CPU it is the
+costliest augmentation op (~0.11 s for 64 x 224 px, one thread: oneDNN's depthwise convolution with one group per
+channel of every sample runs far below the machine's vector rate), so CPU tensors go through
+:func:`blur_selected_cpu_`, which computes **the same sampled, truncated and normalised Gaussian** (not an
+approximation) directly:
+
+* one task per selected (sample, channel) plane, in parallel over numba threads; the plane stays in cache for both
+  passes: a vertical pass into a plane-sized scratch, then a horizontal pass over an edge-replicated copy of each
+  row, written back **in place** (no copy of the unselected samples, no gather/scatter of the selected ones);
+* inner loops run along rows (contiguous, vectorised); each sample only runs its *significant* taps: tails whose
+  weight is below ``1e-9`` of the centre tap are skipped (they change no float32 result by more than ~1e-9
+  relative), so sigma = 0.3 costs 5 taps per pass instead of 13;
+* the result does not depend on the number of threads (each plane is computed by one thread, in a fixed order).
+
+Measured (one thread, float32, sigma ~ U(0.1, 2), 13 taps): 64 x 3 x 224^2 in 14 ms vs 111 ms for the convolution,
+max |difference| 3e-7.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline import augment_ops as ops
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is pinned in requirements.txt (FFCV needs it)
+    numba = None
+
+NEGLIGIBLE_TAP = 1e-9  # taps below this fraction of the centre tap are skipped by the direct kernel
+
+
+def significant_radius(kernels: torch.Tensor) -> torch.Tensor:
+    """Per-sample radius of the taps that matter: kernels (N, K) symmetric, K odd -> (N,) int64 in [0, K // 2]."""
+    half = kernels.shape[1] // 2
+    keep = kernels >= NEGLIGIBLE_TAP * kernels[:, half : half + 1]
+    return half - keep.to(torch.int64).argmax(dim=1)  # first kept tap from the left
+
+
+if numba is not None:
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _blur_planes_(x, samples, weights, radius):  # pragma: no cover - compiled; covered through the wrapper
+        """In-place separable blur of the planes ``x[s, c]`` for s in ``samples``.
+
+        x: (N, C, H, W) float32 C-contiguous; samples: (S,) int64; weights: (N, K) float32; radius: (N,) int64.
+        """
+        n_channels, h, w = x.shape[1], x.shape[2], x.shape[3]
+        half = weights.shape[1] // 2
+        for q in prange(samples.shape[0] * n_channels):
+            s = samples[q // n_channels]
+            plane = x[s, q % n_channels]
+            r = radius[s]
+            k = weights[s, half - r : half + r + 1]
+            tmp = np.empty((h, w), np.float32)
+            row = np.empty(w + 2 * r, np.float32)
+            for i in range(h):  # vertical pass: rows are clamped at the borders (edge replication)
+                acc = tmp[i]
+                src = plane[max(i - r, 0)]
+                for j in range(w):
+                    acc[j] = k[0] * src[j]
+                for t in range(1, 2 * r + 1):
+                    src = plane[min(max(i + t - r, 0), h - 1)]
+                    wt = k[t]
+                    for j in range(w):
+                        acc[j] += wt * src[j]
+            for i in range(h):  # horizontal pass over an edge-replicated copy of the row, back into the plane
+                src = tmp[i]
+                row[r : r + w] = src
+                row[:r] = src[0]
+                row[r + w :] = src[w - 1]
+                dst = plane[i]
+                for j in range(w):
+                    dst[j] = k[0] * row[j]
+                for t in range(1, 2 * r + 1):
+                    wt = k[t]
+                    for j in range(w):
+                        dst[j] += wt * row[t + j]
+
+
+def direct_blur_available(x: torch.Tensor) -> bool:
+    """Whether :func:`blur_selected_cpu_` can take ``x`` (a CPU float32 tensor, numba importable)."""
+    return numba is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def blur_selected_cpu_(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Blur the samples selected by ``mask`` **in place** with their own sigma (same result as
+    :func:`pipeline.augment_ops.gaussian_blur`: sampled Gaussian of ``size`` taps, normalised, edges replicated).
+
+    Args:
+        x: (N, 3, H, W) float32 CPU tensor; made contiguous first if it is not (then the copy is blurred).
+        mask: (N,) bool CPU tensor, the samples to blur.
+        sigma: (N,) float32 CPU tensor (entries of unselected samples are ignored).
+        size: odd kernel length (:func:`pipeline.augment_ops.blur_kernel_size`).
+
+    Returns:
+        ``x`` itself when it was contiguous, else its blurred contiguous copy.
+    """
+    if not direct_blur_available(x):
+        raise ValueError(f"blur_selected_cpu_: needs a float32 CPU tensor and numba, got {x.dtype} on {x.device}")
+    if x.ndim != 4 or mask.shape != (x.shape[0],) or sigma.shape != (x.shape[0],) or size % 2 == 0:
+        raise ValueError(f"blur_selected_cpu_: x (N, C, H, W), mask/sigma (N,), odd size; got {tuple(x.shape)}, "
+                         f"{tuple(mask.shape)}, {tuple(sigma.shape)}, {size}")
+    x = x.contiguous()
+    samples = torch.nonzero(mask.cpu()).squeeze(1)
+    if samples.numel() == 0:
+        return x
+    kernels = ops.gaussian_kernels(sigma.cpu().to(torch.float32), size)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # torch's budget
+    try:
+        _blur_planes_(x.numpy(), samples.numpy(), kernels.numpy(), significant_radius(kernels).numpy())
+    finally:
+        numba.set_num_threads(threads)
+    return x
+
+
+def blur_selected(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Blur the samples selected by ``mask`` (N,) bool with their own ``sigma`` (N,): the direct kernel, in place,
+    for CPU float32 tensors; elsewhere the grouped convolution on the selected subset (a new tensor).
+
+    Args:
+        x: (N, 3, H, W) float.
+        mask: (N,) bool host tensor.
+        sigma: (N,) float32 host tensor.
+        size: odd kernel length.
+
+    Returns:
+        (N, 3, H, W): ``x`` blurred in place, or a new tensor (convolution path / non-contiguous input).
+    """
+    if direct_blur_available(x):
+        return blur_selected_cpu_(x, mask, sigma, size)
+    sel = torch.nonzero(mask).squeeze(1)
+    if sel.numel() == 0:
+        return x
+    sel_dev = sel.to(x.device, non_blocking=True)
+    blurred = ops.gaussian_blur(x.index_select(0, sel_dev), sigma[sel].to(x.device), size)
+    if sel.numel() == x.shape[0]:
+        return blurred
+    return x.index_copy(0, sel_dev, blurred.to(x.dtype))
