@@ -26,7 +26,13 @@ and converts them (both steps are skipped when already done).
 Allocator: glibc's defaults make large batched tensor ops on the CPU page-fault heavily; unless
 ``--no-malloc-env``, the benchmark re-executes itself with ``MALLOC_MMAP_THRESHOLD_=33554432`` and
 ``MALLOC_TRIM_THRESHOLD_=4294967296`` (measured: system time 3.5 s -> 0.6 s and steadier epochs for the colour
-ops; see /work/shared/research/cpu_loader_measurements.md). Workers inherit the environment.
+ops; see /work/shared/research/cpu_loader_measurements.md) and ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator
+backs large tensors with transparent huge pages: the augmented fp32 views are > 32 MiB, always freshly mmap'd, and
+page-faulting them 4 KiB at a time cost ~40% of DeviceAugment's time). Workers inherit the environment.
+
+Threads: importing FFCV sets torch's intra-op thread count to 1; every row runs with ``--torch-threads`` (default:
+all cores) so that DeviceAugment uses the machine's cores, while FFCV/DALI decode the next batches in their own
+threads.
 
 Example (the README targets: full DINO recipe via FFCV >= 5x the baseline; decode+crop >= 50% of the ceiling)::
 
@@ -53,7 +59,10 @@ import torch
 
 from runtime.config import DataConfig, dino_views
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# THP_MEM_ALLOC_ENABLE: PyTorch's CPU allocator asks for transparent huge pages on large tensors (> 32 MiB tensors
+# are always mmap'd fresh by glibc, so each batch's fp32 views were page-faulted 4 KiB at a time: DeviceAugment's
+# fused compiled DINO batch 140 -> 86 ms CPU).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296", "THP_MEM_ALLOC_ENABLE": "1"}
 RECIPES = ("crop", "full")
 LOADERS = ("torchvision", "torchvision+devaug", "ffcv", "dali")
 
@@ -237,6 +246,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jitter", choices=("exact", "fused"), default="exact", help="DeviceAugment colour jitter impl")
     p.add_argument("--compile-augment", action="store_true", help="torch.compile DeviceAugment's elementwise stages "
                    "(compiled during the warm-up epoch)")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads of the "
+                   "main process, used by DeviceAugment (default: all cores)")
     p.add_argument("--ceiling-seconds", type=float, default=3.0, help="duration of the decode-ceiling measurement")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--no-malloc-env", action="store_true", help="keep glibc's default malloc thresholds")
@@ -281,6 +292,7 @@ def run_one(args: argparse.Namespace, kind: str, recipe: str, path: str) -> dict
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         loader = build(kind, cfg)
+        torch.set_num_threads(args.torch_threads)  # after FFCV's import/build, which set it to 1
         first_batch, epochs, cpu, timed = None, [], 0.0, 0
         for epoch in range(args.warmup_epochs + args.epochs):
             t_epoch, c_epoch, n = time.perf_counter(), cpu_seconds() - mem.cpu_s, 0
@@ -356,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(args.loaders.split(",")) - set(LOADERS) or set(args.recipes.split(",")) - set(RECIPES)
     if bad:
         raise SystemExit(f"--loaders/--recipes: unknown {sorted(bad)}")
+    if args.torch_threads < 1:
+        raise SystemExit(f"--torch-threads: must be >= 1, got {args.torch_threads}")
     paths = ensure_bench_data(args.data_dir, args.generate, args.image_size, args.max_side, args.workers)
     original, stored, n_images = sample_jpegs(paths)
     ceilings = {name: decode_ceiling(jpegs, os.cpu_count() or 1, args.ceiling_seconds)
@@ -375,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_epochs": args.warmup_epochs, "max_side": args.max_side, "jitter": args.jitter,
                 "compile_augment": args.compile_augment,
                 "malloc_env": all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": args.torch_threads}
     print_table(rows, ceilings, settings)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

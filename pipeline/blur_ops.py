@@ -6,9 +6,11 @@ channel of every sample runs far below the machine's vector rate), so CPU tensor
 :func:`blur_selected_cpu_`, which computes **the same sampled, truncated and normalised Gaussian** (not an
 approximation) directly:
 
-* one task per selected (sample, channel) plane, in parallel over numba threads; the plane stays in cache for both
-  passes: a vertical pass into a plane-sized scratch, then a horizontal pass over an edge-replicated copy of each
-  row, written back **in place** (no copy of the unselected samples, no gather/scatter of the selected ones);
+* one task per selected (sample, channel) plane - or per sample for channels-last tensors (the FFCV loader's layout,
+  kept by the colour stage), rows of W * 3 interleaved values - in parallel over numba threads; the plane stays in
+  cache for both passes: a vertical pass into a plane-sized scratch, then a horizontal pass over an edge-replicated
+  copy of each row, written back **in place** (no layout change, no copy of the unselected samples, no
+  gather/scatter of the selected ones);
 * inner loops run along rows (contiguous, vectorised); each sample only runs its *significant* taps: tails whose
   weight is below ``1e-9`` of the centre tap are skipped (they change no float32 result by more than ~1e-9
   relative), so sigma = 0.3 costs 5 taps per pass instead of 13;
@@ -44,42 +46,49 @@ def significant_radius(kernels: torch.Tensor) -> torch.Tensor:
 if numba is not None:
 
     @njit(parallel=True, nogil=True, cache=True)
-    def _blur_planes_(x, samples, weights, radius):  # pragma: no cover - compiled; covered through the wrapper
-        """In-place separable blur of the planes ``x[s, c]`` for s in ``samples``.
+    def _blur_planes_(x, samples, weights, radius, step):  # pragma: no cover - compiled; tested via the wrapper
+        """In-place separable blur of the planes ``x[s, p]`` (H, L) for s in ``samples``.
 
-        x: (N, C, H, W) float32 C-contiguous; samples: (S,) int64; weights: (N, K) float32; radius: (N,) int64.
+        x: (N, P, H, L) float32 C-contiguous, a pixel's neighbours along a row ``step`` elements apart (NCHW:
+        P = C planes with L = W, step 1; NHWC: one plane per sample with L = W * C, step C); samples: (S,) int64;
+        weights: (N, K) float32; radius: (N,) int64.
         """
-        n_channels, h, w = x.shape[1], x.shape[2], x.shape[3]
+        n_planes, h, length = x.shape[1], x.shape[2], x.shape[3]
         half = weights.shape[1] // 2
-        for q in prange(samples.shape[0] * n_channels):
-            s = samples[q // n_channels]
-            plane = x[s, q % n_channels]
+        for q in prange(samples.shape[0] * n_planes):
+            s = samples[q // n_planes]
+            plane = x[s, q % n_planes]
             r = radius[s]
             k = weights[s, half - r : half + r + 1]
-            tmp = np.empty((h, w), np.float32)
-            row = np.empty(w + 2 * r, np.float32)
+            tmp = np.empty((h, length), np.float32)
+            pad = r * step
+            row = np.empty(length + 2 * pad, np.float32)
             for i in range(h):  # vertical pass: rows are clamped at the borders (edge replication)
                 acc = tmp[i]
                 src = plane[max(i - r, 0)]
-                for j in range(w):
+                for j in range(length):
                     acc[j] = k[0] * src[j]
                 for t in range(1, 2 * r + 1):
                     src = plane[min(max(i + t - r, 0), h - 1)]
                     wt = k[t]
-                    for j in range(w):
+                    for j in range(length):
                         acc[j] += wt * src[j]
             for i in range(h):  # horizontal pass over an edge-replicated copy of the row, back into the plane
                 src = tmp[i]
-                row[r : r + w] = src
-                row[:r] = src[0]
-                row[r + w :] = src[w - 1]
+                mid = row[pad : pad + length]  # offsets go into slices: a variable offset inside the index
+                for j in range(length):  # defeats vectorisation (numba's negative-index wraparound check)
+                    mid[j] = src[j]
+                for e in range(pad):  # scalar loops: numba's slice assignments cost more than these few pixels
+                    row[e] = src[e % step]
+                    row[pad + length + e] = src[length - step + e % step]
                 dst = plane[i]
-                for j in range(w):
+                for j in range(length):
                     dst[j] = k[0] * row[j]
                 for t in range(1, 2 * r + 1):
                     wt = k[t]
-                    for j in range(w):
-                        dst[j] += wt * row[t + j]
+                    seg = row[t * step : t * step + length]
+                    for j in range(length):
+                        dst[j] += wt * seg[j]
 
 
 def direct_blur_available(x: torch.Tensor) -> bool:
@@ -92,20 +101,26 @@ def blur_selected_cpu_(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
     :func:`pipeline.augment_ops.gaussian_blur`: sampled Gaussian of ``size`` taps, normalised, edges replicated).
 
     Args:
-        x: (N, 3, H, W) float32 CPU tensor; made contiguous first if it is not (then the copy is blurred).
+        x: (N, 3, H, W) float32 CPU tensor, contiguous or channels-last (any other layout is first copied to
+            channels-last, and the copy is blurred).
         mask: (N,) bool CPU tensor, the samples to blur.
         sigma: (N,) float32 CPU tensor (entries of unselected samples are ignored).
         size: odd kernel length (:func:`pipeline.augment_ops.blur_kernel_size`).
 
     Returns:
-        ``x`` itself when it was contiguous, else its blurred contiguous copy.
+        ``x`` itself when it was contiguous or channels-last, else its blurred channels-last copy.
     """
     if not direct_blur_available(x):
         raise ValueError(f"blur_selected_cpu_: needs a float32 CPU tensor and numba, got {x.dtype} on {x.device}")
     if x.ndim != 4 or mask.shape != (x.shape[0],) or sigma.shape != (x.shape[0],) or size % 2 == 0:
         raise ValueError(f"blur_selected_cpu_: x (N, C, H, W), mask/sigma (N,), odd size; got {tuple(x.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(sigma.shape)}, {size}")
-    x = x.contiguous()
+    n, c, h, w = x.shape
+    if x.is_contiguous():
+        planes, step = x.numpy(), 1
+    else:
+        x = x.contiguous(memory_format=torch.channels_last)  # no-op for NHWC tensors (the FFCV loader's layout)
+        planes, step = x.permute(0, 2, 3, 1).numpy().reshape(n, 1, h, w * c), c  # a view: one plane per sample
     samples = torch.nonzero(mask.cpu()).squeeze(1)
     if samples.numel() == 0:
         return x
@@ -113,26 +128,30 @@ def blur_selected_cpu_(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
     threads = numba.get_num_threads()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # torch's budget
     try:
-        _blur_planes_(x.numpy(), samples.numpy(), kernels.numpy(), significant_radius(kernels).numpy())
+        _blur_planes_(planes, samples.numpy(), kernels.numpy(), significant_radius(kernels).numpy(), step)
     finally:
         numba.set_num_threads(threads)
     return x
 
 
-def blur_selected(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+def blur_selected(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size: int,
+                  impl: str = "direct") -> torch.Tensor:
     """Blur the samples selected by ``mask`` (N,) bool with their own ``sigma`` (N,): the direct kernel, in place,
-    for CPU float32 tensors; elsewhere the grouped convolution on the selected subset (a new tensor).
+    for CPU float32 tensors; elsewhere (or ``impl="conv"``) the grouped convolution on the selected subset.
 
     Args:
         x: (N, 3, H, W) float.
         mask: (N,) bool host tensor.
         sigma: (N,) float32 host tensor.
         size: odd kernel length.
+        impl: ``ViewConfig.blur_impl``: "direct" (when available) or "conv".
 
     Returns:
         (N, 3, H, W): ``x`` blurred in place, or a new tensor (convolution path / non-contiguous input).
     """
-    if direct_blur_available(x):
+    if impl not in ("direct", "conv"):
+        raise ValueError(f"blur_selected: impl must be 'direct' or 'conv', got {impl!r}")
+    if impl == "direct" and direct_blur_available(x):
         return blur_selected_cpu_(x, mask, sigma, size)
     sel = torch.nonzero(mask).squeeze(1)
     if sel.numel() == 0:

@@ -232,7 +232,7 @@ class DeviceAugment:
         if bool(p.blur.any()):
             size = ops.blur_kernel_size(view.blur_sigma[1], view.blur_kernel)
             with record_function("augment/blur"):
-                y = blur_ops.blur_selected(y, p.blur, p.sigma, size)
+                y = blur_ops.blur_selected(y, p.blur, p.sigma, size, view.blur_impl)
         scale, bias = self._norm_consts(dev)
         sol = p.solarize if bool(p.solarize.any()) else None
         with record_function("augment/finish"):

@@ -40,11 +40,13 @@ def rand(shape, seed=0) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("h,w", [(9, 7), (3, 20), (17, 2)])  # images narrower than the 6-pixel radius included
-def test_direct_blur_matches_float64_reference(h, w):
+def test_direct_blur_matches_float64_reference(h, w, layout):
     sigma = torch.tensor([0.1, 0.3, 0.77, 1.0, 1.6, 2.0])
     x = rand((6, 3, h, w), seed=h)
-    out = blur_ops.blur_selected_cpu_(x.clone(), torch.ones(6, dtype=torch.bool), sigma, 13)
+    out = blur_ops.blur_selected_cpu_(x.clone(memory_format=layout), torch.ones(6, dtype=torch.bool), sigma, 13)
+    assert out.is_contiguous(memory_format=layout)
     for i in range(6):
         ref = naive_blur(x[i].double().numpy(), float(sigma[i]), 13)
         assert np.abs(out[i].double().numpy() - ref).max() < 2e-6, f"sigma={float(sigma[i])}"
@@ -80,8 +82,11 @@ def test_in_place_contract_and_non_contiguous_input():
     y = x.clone()
     assert blur_ops.blur_selected(y, mask, sigma, 13) is y and not torch.equal(y, x)
     cl = x.contiguous(memory_format=torch.channels_last)
-    out = blur_ops.blur_selected(cl, mask, sigma, 13)
-    assert torch.equal(cl, x) and torch.equal(out, y)  # a non-contiguous input is copied, not modified
+    assert blur_ops.blur_selected(cl, mask, sigma, 13) is cl and torch.equal(cl, y)  # NHWC: in place, same bits
+    strided = x.transpose(2, 3)  # neither layout: blurred as a channels-last copy, the input is left alone
+    out = blur_ops.blur_selected(strided, mask, sigma, 13)
+    assert torch.equal(strided, x.transpose(2, 3)) and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, y.transpose(2, 3), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="odd size"):
         blur_ops.blur_selected_cpu_(x, mask, sigma, 12)
     with pytest.raises(ValueError, match="float32 CPU"):
@@ -137,3 +142,21 @@ def test_sigma_distribution_through_device_augment():
     ks = (u - torch.arange(1, m + 1, dtype=torch.float64) / m).abs().max()
     assert ks < 1.95 / math.sqrt(m)
     assert len(torch.unique((sigma * 1e4).round())) > 0.95 * m  # a fresh sigma per sample
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_blur_impl_choice_through_device_augment(layout):
+    """``ViewConfig.blur_impl``: "direct" and "conv" give the same views (whole DINO-like recipe, both input layouts:
+    FFCV delivers channels-last crops); a bad value is a ConfigError naming the key."""
+    from runtime.config_loader import ConfigError, from_dict
+
+    view = ViewConfig(size=24, blur_p=0.6, solarize_p=0.3, jitter_impl="fused")
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, 256, (16, 3, 24, 24), generator=g, dtype=torch.uint8).contiguous(memory_format=layout)
+    batch = Batch([x], torch.zeros(16, dtype=torch.long), torch.arange(16), 1)
+    outs = [DeviceAugment([ViewConfig(**{**view.__dict__, "blur_impl": impl})], (0.4, 0.5, 0.6), (0.2, 0.3, 0.25),
+                          seed=4, flip=True)(batch).views[0] for impl in ("direct", "conv")]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    assert from_dict(ViewConfig, {"blur_impl": "conv"}).blur_impl == "conv"
+    with pytest.raises(ConfigError, match="views.0.blur_impl"):
+        from_dict(ViewConfig, {"blur_impl": "box"}, "views.0")
