@@ -22,7 +22,7 @@ from torch import nn
 
 from losses.common import fp32_island
 from losses.intl import norm_mse
-from losses.kernels import group_channel_whiten_fused, use_fused
+from losses.kernels import fused_for, group_channel_whiten_fused
 from losses.whitening import compute_dtype, group_channel_whiten
 
 _MASK64 = (1 << 64) - 1
@@ -148,7 +148,8 @@ class CWRGPLoss(nn.Module):
             raise ValueError(f"CW-RGP expects (V, B, D) with V >= 2 views, got {tuple(z.shape)}")
         with fp32_island(z.device.type):
             z = z.to(compute_dtype(z))
-            whiten = group_channel_whiten_fused if use_fused() and z.dtype != torch.float64 else group_channel_whiten
+            fused = fused_for("cw_rgp", z.device) and z.dtype != torch.float64  # CPU: reference unless forced
+            whiten = group_channel_whiten_fused if fused else group_channel_whiten
             white = cw_rgp_whiten(z, sample_perm, channel_perm, self.groups, self.eps, self.minus, whiten)
             mse = pair_loss(white, self.norm)
             logs = {"mse": mse.detach()}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import fp32_island
-from losses.kernels import iternorm_whiten_fused, use_fused
+from losses.kernels import fused_for, iternorm_whiten_fused
 from losses.whitening import iternorm_whiten
 from runtime import dist
 
@@ -102,7 +102,7 @@ class INTLLoss(nn.Module):
                 flat = z.transpose(0, 1).contiguous()  # (B, V, D): gather along the batch
                 flat = dist.gather_with_grad(flat) if with_grad else dist.gather_no_grad(flat)
                 z = flat.transpose(0, 1)
-            if use_fused() and z.dtype != torch.float64:
+            if fused_for("intl", z.device) and z.dtype != torch.float64:
                 return iternorm_whiten_fused(z, self.iters, self.axis)
             return iternorm_whiten(z, self.iters, self.axis)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import at_least_fp32, fp32_island
-from losses.kernels import distance_correlations_fused, use_fused
+from losses.kernels import distance_correlations_fused, fused_for
 
 
 # ---------------------------------------------------------------------------------------------- distance correlation
@@ -133,7 +133,7 @@ class MVMRLoss(nn.Module):
                     raise ValueError(f"target {name!r} has batch {t.features.shape[0]}, embeddings have {z_a.shape[0]}")
             xs = [z_o] + [t.features.detach().flatten(1) for t in targets.values()]
             clamps = [self.z_clamp] + [t.clamp for t in targets.values()]
-            if use_fused() and all(x.dtype != torch.float64 for x in xs + [z_a]):
+            if fused_for("mvmr", z_a.device) and all(x.dtype != torch.float64 for x in xs + [z_a]):
                 dcs = distance_correlations_fused(z_a, xs, self.z_clamp, clamps)  # z_a's matrix built once
             else:
                 dcs = [distance_correlation(x, z_a, c, self.z_clamp) for x, c in zip(xs, clamps)]

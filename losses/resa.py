@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import at_least_fp32, fp32_island
-from losses.kernels import resa_cross_entropy_fused, self_assignment_fused, use_fused
+from losses.kernels import fused_for, resa_cross_entropy_fused, self_assignment_fused
 from losses.sinkhorn import sinkhorn_knopp
 from runtime import dist
 
@@ -110,7 +110,7 @@ class ReSALoss(nn.Module):
         if distributed:
             z_bar, h_bar = _gather_views(z_bar), dist.gather_no_grad(h_bar)
         with fp32_island(z.device.type):
-            if use_fused() and torch.float64 not in (z.dtype, h.dtype, z_bar.dtype, h_bar.dtype):
+            if fused_for("resa", z.device) and torch.float64 not in (z.dtype, h.dtype, z_bar.dtype, h_bar.dtype):
                 assignment = self_assignment_fused(h.detach(), h_bar, self.sinkhorn_eps, self.sinkhorn_iters,
                                                    distributed)
                 return resa_cross_entropy_fused(z, z_bar, assignment, self.temperature), assignment

@@ -41,6 +41,19 @@ def use_fused() -> bool:
     return bool(env) if env is not None else False
 
 
+# Losses whose compiled CPU path was not measured faster than the reference (docs/kernels.md, bench table): with
+# FLASHSSL_FUSED=1 they keep the reference on CPU; set_fused(True) still forces the fused path (tests, benchmarks).
+CPU_REFERENCE_FASTER = frozenset({"cw_rgp"})
+
+
+def fused_for(loss: str, device: torch.device) -> bool:
+    """``use_fused()`` for one loss on one device: a forced ``set_fused`` wins; otherwise the switch, except on CPU
+    for the losses in ``CPU_REFERENCE_FASTER`` (their reference measured as fast or faster there)."""
+    if _FORCED is not None:
+        return _FORCED
+    return use_fused() and (device.type != "cpu" or loss not in CPU_REFERENCE_FASTER)
+
+
 def has_triton() -> bool:
     """True when the ``triton`` package is importable."""
     return importlib.util.find_spec("triton") is not None

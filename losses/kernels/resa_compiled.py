@@ -13,12 +13,14 @@ Same maths as ``losses.resa.self_assignment`` / ``losses.sinkhorn.sinkhorn_knopp
       row_i(q, v) = r_i lse_j(l_ij) - sum_j A_ij l_ij
       dL/dn(z^q)  = sum_v w_qv (r o softmax(l) - A) n(z_bar^v) / (tau B_l)          w_qv = [q != v] / n_pairs
 
-  Each (q, v) pair is one compiled pass over its (B_l, B) logit block (matmul, log-sum-exp, the weighted row
-  sums and the (B_l, D) gradient product); the backward is the saved (V, B_l, D) gradient pushed through the L2
-  normalisation, times the upstream gradient. No (V, M, B_l, B) logit or log-softmax tensor is stored.
+  All pairs run in one compiled graph (normalisation, per pair one pass over its (B_l, B) logit block: matmul,
+  log-sum-exp, weighted row sums, the (B_l, D) gradient product; then the L2-normalisation backward); the
+  autograd backward is the saved (V, B_l, D) gradient times the upstream gradient. No (V, M, B_l, B) logit or
+  log-softmax tensor is stored, and nothing gradient-related is computed under ``no_grad``.
 
-The per-pair and Sinkhorn elementwise functions are ``torch.compile``'d with ``dynamic=True``; ``tau`` and ``eps``
-enter as 0-dim tensors. ``compile=False`` runs the same code eagerly.
+The cross-entropy graph and the Sinkhorn elementwise functions are ``torch.compile``'d with ``dynamic=True``
+(the graph specialises on V and M, which are fixed in a run); ``tau`` and ``eps`` enter as 0-dim tensors.
+``compile=False`` runs the same code eagerly.
 """
 
 from __future__ import annotations
@@ -43,24 +45,64 @@ def _assemble(k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_rows: torch.T
     return k * (u * n_rows)[:, None] * v[None, :]
 
 
-def _pair(zq: torch.Tensor, zbv: torch.Tensor, a: torch.Tensor, r: torch.Tensor,
-          tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (q, v) pair: zq (B_l, D), zbv (B, D) unit rows, a (B_l, B), r (B_l,) -> (sum_i row_i, (B_l, D) grad)."""
-    logits = (zq @ zbv.T) / tau
-    lse = torch.logsumexp(logits, dim=-1)
-    rows = r * lse - (a * logits).sum(dim=-1)
-    d = r[:, None] * torch.exp(logits - lse[:, None]) - a
-    return rows.sum(), d @ zbv
+def _assign_local(h: torch.Tensor, h_bar: torch.Tensor, eps: torch.Tensor, n_iters: int) -> torch.Tensor:
+    """Single-process self-assignment in one graph: h (B, E), h_bar (B, E) -> A (B, B)."""
+    scores = F.normalize(h.float(), dim=-1) @ F.normalize(h_bar.float(), dim=-1).T
+    k = _kernel(scores, scores.amax(dim=0, keepdim=True), eps)
+    n_rows, n_cols = k.shape
+    u = torch.ones_like(k[:, 0])
+    for _ in range(n_iters):
+        v = 1.0 / ((u @ k) * n_cols)
+        u = 1.0 / ((k @ v) * n_rows)
+    return k * (u * n_rows)[:, None] * v[None, :]
+
+
+def _ce(z: torch.Tensor, z_bar: torch.Tensor, a: torch.Tensor, tau: torch.Tensor,
+        need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All pairs q != v in one graph: z (V, B_l, D), z_bar (M, B, D), a (B_l, B) -> (loss, dL/dz (V, B_l, D))."""
+    n_v, b_l, _ = z.shape
+    n_m = z_bar.shape[0]
+    zf = z.float()
+    zn = F.normalize(zf, dim=-1)
+    zbn = F.normalize(z_bar.float(), dim=-1)
+    r = a.sum(dim=-1)
+    total = zf.new_zeros(())
+    grads = []
+    for q in range(n_v):
+        g_q = torch.zeros_like(zn[q])
+        for v in range(n_m):
+            if q == v:
+                continue
+            logits = (zn[q] @ zbn[v].T) / tau
+            lse = torch.logsumexp(logits, dim=-1)
+            total = total + (r * lse - (a * logits).sum(dim=-1)).sum()
+            if need_grad:
+                g_q = g_q + (r[:, None] * torch.exp(logits - lse[:, None]) - a) @ zbn[v]
+        grads.append(g_q)
+    scale = 1.0 / (b_l * (n_v * n_m - min(n_v, n_m)))
+    if not need_grad:
+        return total * scale, None
+    return total * scale, _normalize_backward(torch.stack(grads) * (scale / tau), zf)
+
+
+def _normalize_backward(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Vector-Jacobian product of ``F.normalize(z, dim=-1)`` (eps 1e-12) at ``z`` (fp32) for cotangent ``g``."""
+    norm = z.norm(dim=-1, keepdim=True)
+    zn = z / norm.clamp_min(NORM_EPS)
+    inside = (g - zn * (g * zn).sum(dim=-1, keepdim=True)) / norm.clamp_min(NORM_EPS)
+    return torch.where(norm > NORM_EPS, inside, g / NORM_EPS)
+
+
+_FNS = {"kernel": _kernel, "assemble": _assemble, "ce": _ce, "assign_local": _assign_local}
 
 
 @functools.cache
 def _compiled(name: str):
-    fn = {"kernel": _kernel, "assemble": _assemble, "pair": _pair}[name]
-    return torch.compile(fn, dynamic=True)
+    return torch.compile(_FNS[name], dynamic=True)
 
 
 def _fn(name: str, compile: bool):
-    return _compiled(name) if compile else {"kernel": _kernel, "assemble": _assemble, "pair": _pair}[name]
+    return _compiled(name) if compile else _FNS[name]
 
 
 @torch.no_grad()
@@ -87,39 +129,17 @@ def sinkhorn_scaling(scores: torch.Tensor, eps: float, n_iters: int, distributed
     return _fn("assemble", compile)(k, u, v, torch.tensor(float(n_rows), device=k.device))
 
 
-def _normalize_backward(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Vector-Jacobian product of ``F.normalize(z, dim=-1)`` (eps 1e-12) at ``z`` (fp32) for cotangent ``g``."""
-    norm = z.norm(dim=-1, keepdim=True)
-    zn = z / norm.clamp_min(NORM_EPS)
-    inside = (g - zn * (g * zn).sum(dim=-1, keepdim=True)) / norm.clamp_min(NORM_EPS)
-    return torch.where(norm > NORM_EPS, inside, g / NORM_EPS)
-
-
 class _ReSACE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, z_bar, assignment, temperature, compile):
-        n_v, b_l, _ = z.shape
-        n_m = z_bar.shape[0]
-        zf = z.detach().float()
-        zn = F.normalize(zf, dim=-1)
-        zbn = F.normalize(z_bar.detach().float(), dim=-1)
-        a = assignment.detach().float()
-        r = a.sum(dim=-1)
         tau = torch.tensor(temperature, dtype=torch.float32, device=z.device)
-        pair = _fn("pair", compile)
-        pairs = [(q, v) for q in range(n_v) for v in range(n_m) if q != v]
-        total = zf.new_zeros(())
-        grad = torch.zeros_like(zn) if ctx.needs_input_grad[0] else None
-        for q, v in pairs:
-            rows, g = pair(zn[q], zbn[v], a, r, tau)
-            total += rows
-            if grad is not None:
-                grad[q] += g
-        scale = 1.0 / (b_l * len(pairs))
-        if grad is not None:
-            ctx.save_for_backward(_normalize_backward(grad * (scale / temperature), zf))
+        need_grad = bool(ctx.needs_input_grad[0])
+        loss, grad = _fn("ce", compile)(z.detach().float(), z_bar.detach().float(), assignment.detach().float(), tau,
+                                        need_grad)  # fp32 in: one graph for every input dtype
+        if need_grad:
+            ctx.save_for_backward(grad)
         ctx.dtype = z.dtype
-        return total * scale
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -140,5 +160,10 @@ def self_assignment_compiled(h: torch.Tensor, h_bar: torch.Tensor, eps: float, n
                              distributed: bool = False, compile: bool = True) -> torch.Tensor:
     """Fused ``losses.resa.self_assignment``: h (B_l, E), h_bar (B, E) -> (B_l, B) fp32 assignment."""
     with torch.no_grad():
+        if not distributed:  # everything in one graph; with ranks the column sums are all-reduced between steps
+            if eps <= 0 or n_iters < 1:
+                raise ValueError(f"sinkhorn needs eps > 0, n_iters >= 1; got eps={eps}, n_iters={n_iters}")
+            eps_t = torch.tensor(eps, dtype=torch.float32, device=h.device)
+            return _fn("assign_local", compile)(h.detach().float(), h_bar.detach().float(), eps_t, int(n_iters))
         scores = F.normalize(h.float(), dim=-1) @ F.normalize(h_bar.float(), dim=-1).T
         return sinkhorn_scaling(scores, eps, n_iters, distributed, compile)

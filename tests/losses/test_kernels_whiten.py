@@ -139,3 +139,19 @@ def test_cw_rgp_module_dispatch_matches_reference():
     out = _run_both(run)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=0, atol=1e-4 * out[False][1].abs().max())
+
+
+def test_cw_rgp_cpu_gate(monkeypatch):
+    """FLASHSSL_FUSED=1 keeps CW-RGP on the reference on CPU (measured not faster); set_fused(True) forces it."""
+    kernels.set_fused(None)
+    monkeypatch.setenv("FLASHSSL_FUSED", "1")
+    cpu = torch.device("cpu")
+    assert not kernels.fused_for("cw_rgp", cpu) and kernels.fused_for("intl", cpu)
+    assert kernels.fused_for("cw_rgp", torch.device("cuda"))
+    try:
+        kernels.set_fused(True)
+        assert kernels.fused_for("cw_rgp", cpu)
+    finally:
+        kernels.set_fused(None)
+    monkeypatch.setenv("FLASHSSL_FUSED", "0")
+    assert not kernels.fused_for("intl", cpu)
