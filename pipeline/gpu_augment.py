@@ -20,14 +20,21 @@ Design decisions:
 * ``compile=True`` runs the elementwise stages through ``torch.compile`` with fixed shapes and per-sample masks
   instead of host-side subsets: [flip] + uint8 -> float + jitter + grayscale becomes one fused loop (fused path) or
   two (exact path: :func:`pipeline.augment_ops.color_jitter_pointwise`), and solarize + normalise + cast + layout one
-  more. Blur (a grouped conv) stays eager on the selected subset. Each (view size, stack size, optional-op pattern)
-  compiles once (~10-30 s per graph on a CPU, paid at the first batches).
+  more. Each (view size, stack size, optional-op pattern) compiles once (~10-30 s per graph on a CPU, paid at the
+  first batches).
+* Blur (``ViewConfig.blur_impl``) runs eagerly on the selected samples only: on CPU float32 tensors the direct
+  in-place kernel of :mod:`pipeline.blur_ops` (the same sampled Gaussian as the convolution, per-sample taps, ~8x
+  cheaper), elsewhere (or ``"conv"``) a grouped convolution on the subset.
+* Input layout: views are stacked into one contiguous NCHW uint8 tensor first (FFCV's crops are channels-last; one
+  uint8 transpose is far cheaper than letting the compiled colour stage read NHWC and write NCHW float).
 
 Seeding under DDP: pass a different ``seed`` per rank (e.g. ``seed + rank``) or every rank augments identically.
 
-Measured cost, DINO recipe (2 x 224 + 6 x 96, B = 64, bf16 channels-last out), one CPU thread, process time per
-batch: exact eager 1.06 s, fused eager 0.50 s, exact compiled 0.58 s, fused compiled 0.31 s. Eagerly the exact
-jitter is ~63% of the exact path; blur (~0.2 s, common to all paths) dominates the compiled ones.
+Measured cost, DINO recipe (2 x 224 + 6 x 96, B = 64, channels-last uint8 crops in as FFCV delivers them), one CPU
+thread, process time per batch, bf16 channels-last / fp32 NCHW out: exact eager 0.58 / 0.62 s, fused eager 0.20 /
+0.16 s, exact compiled 0.33 / 0.33 s, fused compiled 0.10 / 0.094 s (with the convolution blur: 0.27 s). The exact
+HSV jitter dominates the exact paths. Run with ``THP_MEM_ALLOC_ENABLE=1`` (as ``pipeline.bench`` does): the fp32
+views are > 32 MiB, mmap'd afresh by glibc at every batch, and page-faulting them in 4 KiB pages cost ~40% more.
 """
 
 from __future__ import annotations

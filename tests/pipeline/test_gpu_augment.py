@@ -346,3 +346,15 @@ def test_compiled_equals_eager(impl):
     for x, y in zip(eager.views, comp.views):
         assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_input_gives_the_same_views():
+    """FFCV delivers channels-last crops; DeviceAugment transposes them once (stacked groups included)."""
+    views = dino_small(3)
+    batch = make_batch(views, 4, seed=12)
+    cl = dataclasses.replace(batch, views=[v.contiguous(memory_format=torch.channels_last) for v in batch.views])
+    assert not cl.views[0].is_contiguous()
+    a = DeviceAugment(views, ID_MEAN, ID_STD, seed=3, flip=True)(batch)
+    b = DeviceAugment(views, ID_MEAN, ID_STD, seed=3, flip=True)(cl)
+    for x, y in zip(a.views, b.views):
+        assert torch.equal(x, y)
