@@ -135,23 +135,23 @@ def blur_selected_cpu_(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
 
 
 def blur_selected(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size: int,
-                  impl: str = "direct") -> torch.Tensor:
+                  impl: str = "kernel") -> torch.Tensor:
     """Blur the samples selected by ``mask`` (N,) bool with their own ``sigma`` (N,): the direct kernel, in place,
-    for CPU float32 tensors; elsewhere (or ``impl="conv"``) the grouped convolution on the selected subset.
+    for CPU float32 tensors; elsewhere (or ``impl="torch"``) the grouped convolution on the selected subset.
 
     Args:
         x: (N, 3, H, W) float.
         mask: (N,) bool host tensor.
         sigma: (N,) float32 host tensor.
         size: odd kernel length.
-        impl: ``ViewConfig.blur_impl``: "direct" (when available) or "conv".
+        impl: ``ViewConfig.cpu_impl``: "kernel" (the direct kernel when available) or "torch" (convolution).
 
     Returns:
         (N, 3, H, W): ``x`` blurred in place, or a new tensor (convolution path / non-contiguous input).
     """
-    if impl not in ("direct", "conv"):
-        raise ValueError(f"blur_selected: impl must be 'direct' or 'conv', got {impl!r}")
-    if impl == "direct" and direct_blur_available(x):
+    if impl not in ("kernel", "torch"):
+        raise ValueError(f"blur_selected: impl must be 'kernel' or 'torch', got {impl!r}")
+    if impl == "kernel" and direct_blur_available(x):
         return blur_selected_cpu_(x, mask, sigma, size)
     sel = torch.nonzero(mask).squeeze(1)
     if sel.numel() == 0:

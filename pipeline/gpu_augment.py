@@ -22,9 +22,11 @@ Design decisions:
   two (exact path: :func:`pipeline.augment_ops.color_jitter_pointwise`), and solarize + normalise + cast + layout one
   more. Each (view size, stack size, optional-op pattern) compiles once (~10-30 s per graph on a CPU, paid at the
   first batches).
-* Blur (``ViewConfig.blur_impl``) runs eagerly on the selected samples only: on CPU float32 tensors the direct
-  in-place kernel of :mod:`pipeline.blur_ops` (the same sampled Gaussian as the convolution, per-sample taps, ~8x
-  cheaper), elsewhere (or ``"conv"``) a grouped convolution on the subset.
+* CPU batches (``ViewConfig.cpu_impl="kernel"``, the default) use two numba kernels: the exact colour stage
+  (:mod:`pipeline.color_kernel`: uint8 -> float + jitter + grayscale row by row in cache, ~15x the eager torch ops,
+  faster than the compiled ones) and the blur (:mod:`pipeline.blur_ops`: the same sampled Gaussian as the
+  convolution, per-sample taps, in place on the selected samples, ~8x cheaper). Elsewhere (or ``"torch"``) blur is a
+  grouped convolution on the selected subset and the colour stage the torch ops above.
 * Input layout: views are stacked into one contiguous NCHW uint8 tensor first (FFCV's crops are channels-last; one
   uint8 transpose is far cheaper than letting the compiled colour stage read NHWC and write NCHW float).
 
@@ -47,7 +49,7 @@ import torch
 from torch.profiler import record_function
 
 from pipeline import augment_ops as ops
-from pipeline import blur_ops
+from pipeline import blur_ops, color_kernel
 from pipeline.batch import Batch
 from runtime.config import ViewConfig
 
@@ -239,7 +241,7 @@ class DeviceAugment:
         if bool(p.blur.any()):
             size = ops.blur_kernel_size(view.blur_sigma[1], view.blur_kernel)
             with record_function("augment/blur"):
-                y = blur_ops.blur_selected(y, p.blur, p.sigma, size, view.blur_impl)
+                y = blur_ops.blur_selected(y, p.blur, p.sigma, size, view.cpu_impl)
         scale, bias = self._norm_consts(dev)
         sol = p.solarize if bool(p.solarize.any()) else None
         with record_function("augment/finish"):
@@ -271,6 +273,11 @@ class DeviceAugment:
     def _exact_color(self, x: torch.Tensor, view: ViewConfig, p: ViewParams, flip: torch.Tensor | None):
         dev = x.device
         enabled = _jitter_enabled(view)
+        if view.cpu_impl == "kernel" and color_kernel.kernel_available(x):  # CPU: one pass, ~10x the torch ops
+            if flip is not None:
+                x = _on_subset(x, flip, lambda t, sel: t.flip(-1))
+            gray = p.gray if bool(p.gray.any()) else None
+            return color_kernel.color_exact_cpu(x, p.order, p.factors, p.jitter, enabled, gray)
         if self.compiled:
             to = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
             active = p.jitter & any(enabled)  # a disabled op samples the exact identity factor (1 or no hue)

@@ -47,9 +47,10 @@ class ViewConfig:
     # mean |diff| 7.6/255 vs torchvision with hue 0.1 (see pipeline/augment_ops.py jitter_matrices). Only used by the
     # device augmentation (pipeline/gpu_augment.py), not by the PIL path. The blur kernel rule above applies to both.
     jitter_impl: Literal["exact", "fused"] = "exact"
-    # Device blur: "direct" = per-sample taps computed in place by a CPU kernel (pipeline/blur_ops.py; same sampled
-    # Gaussian, ~8x cheaper; other devices use the convolution); "conv" = always the grouped convolution (reference).
-    blur_impl: Literal["direct", "conv"] = "direct"
+    # Device augmentation of CPU batches: "kernel" = numba kernels for the exact colour stage and the blur
+    # (pipeline/color_kernel.py, pipeline/blur_ops.py: same results to float32 rounding, ~10x cheaper); "torch" = the
+    # torch ops (the reference; what other devices always run).
+    cpu_impl: Literal["kernel", "torch"] = "kernel"
 
     def __post_init__(self) -> None:
         if self.count < 1:

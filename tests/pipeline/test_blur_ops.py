@@ -144,19 +144,20 @@ def test_sigma_distribution_through_device_augment():
     assert len(torch.unique((sigma * 1e4).round())) > 0.95 * m  # a fresh sigma per sample
 
 
+@pytest.mark.parametrize("jitter", ["exact", "fused"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_blur_impl_choice_through_device_augment(layout):
-    """``ViewConfig.blur_impl``: "direct" and "conv" give the same views (whole DINO-like recipe, both input layouts:
+def test_cpu_impl_choice_through_device_augment(layout, jitter):
+    """``ViewConfig.cpu_impl``: "kernel" and "torch" give the same views (whole DINO-like recipe, both input layouts:
     FFCV delivers channels-last crops); a bad value is a ConfigError naming the key."""
     from runtime.config_loader import ConfigError, from_dict
 
-    view = ViewConfig(size=24, blur_p=0.6, solarize_p=0.3, jitter_impl="fused")
+    view = ViewConfig(size=24, blur_p=0.6, solarize_p=0.3, grayscale_p=0.3, jitter_impl=jitter)
     g = torch.Generator().manual_seed(9)
     x = torch.randint(0, 256, (16, 3, 24, 24), generator=g, dtype=torch.uint8).contiguous(memory_format=layout)
     batch = Batch([x], torch.zeros(16, dtype=torch.long), torch.arange(16), 1)
-    outs = [DeviceAugment([ViewConfig(**{**view.__dict__, "blur_impl": impl})], (0.4, 0.5, 0.6), (0.2, 0.3, 0.25),
-                          seed=4, flip=True)(batch).views[0] for impl in ("direct", "conv")]
+    outs = [DeviceAugment([ViewConfig(**{**view.__dict__, "cpu_impl": impl})], (0.4, 0.5, 0.6), (0.2, 0.3, 0.25),
+                          seed=4, flip=True)(batch).views[0] for impl in ("kernel", "torch")]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
-    assert from_dict(ViewConfig, {"blur_impl": "conv"}).blur_impl == "conv"
-    with pytest.raises(ConfigError, match="views.0.blur_impl"):
-        from_dict(ViewConfig, {"blur_impl": "box"}, "views.0")
+    assert from_dict(ViewConfig, {"cpu_impl": "torch"}).cpu_impl == "torch"
+    with pytest.raises(ConfigError, match="views.0.cpu_impl"):
+        from_dict(ViewConfig, {"cpu_impl": "numba"}, "views.0")
