@@ -33,10 +33,11 @@ Design decisions:
 Seeding under DDP: pass a different ``seed`` per rank (e.g. ``seed + rank``) or every rank augments identically.
 
 Measured cost, DINO recipe (2 x 224 + 6 x 96, B = 64, channels-last uint8 crops in as FFCV delivers them), one CPU
-thread, process time per batch, bf16 channels-last / fp32 NCHW out: exact eager 0.58 / 0.62 s, fused eager 0.20 /
-0.16 s, exact compiled 0.33 / 0.33 s, fused compiled 0.10 / 0.094 s (with the convolution blur: 0.27 s). The exact
-HSV jitter dominates the exact paths. Run with ``THP_MEM_ALLOC_ENABLE=1`` (as ``pipeline.bench`` does): the fp32
-views are > 32 MiB, mmap'd afresh by glibc at every batch, and page-faulting them in 4 KiB pages cost ~40% more.
+thread, process time per batch, bf16 channels-last / fp32 NCHW out, ``cpu_impl="kernel"``: exact eager 0.16 / 0.14 s,
+exact compiled 0.12 / 0.12 s, fused eager 0.20 / 0.16 s, fused compiled 0.10 / 0.09 s. With ``cpu_impl="torch"``
+(the torch ops, as on other devices) exact eager takes 0.6-0.85 s, fused compiled 0.27 s (the grouped-conv blur is
+~0.17 s of it). Run with ``THP_MEM_ALLOC_ENABLE=1`` (as ``pipeline.bench`` does): the fp32 views are > 32 MiB,
+mmap'd afresh by glibc at every batch, and page-faulting them in 4 KiB pages cost ~40% more.
 """
 
 from __future__ import annotations
