@@ -13,12 +13,25 @@ from torch import nn
 
 from losses.common import at_least_fp32, fp32_island
 from losses.kernels import soft_ce_fused, use_fused
+from losses.sinkhorn import sinkhorn_knopp
 from runtime import dist
 
 
 def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
     """softmax((t - c) / temp) in fp32 (fp64 stays fp64). (T, B, K), (K,) -> (T, B, K)."""
     return F.softmax((at_least_fp32(teacher_logits) - center) / temp, dim=-1)
+
+
+def sinkhorn_teacher_probs(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3) -> torch.Tensor:
+    """DINOv2's Sinkhorn-Knopp centering: all teacher crops of the global batch are the rows of one assignment.
+
+    Rows are split over ranks (the row sums are all-reduced), so 2 ranks equal 1 process on the concatenated batch.
+    (T, B, K) -> (T, B, K) fp32 probabilities, each row summing to 1, each prototype receiving ~1/K of the mass.
+    """
+    n_t, b, k = teacher_logits.shape
+    rows = teacher_logits.transpose(0, 1).reshape(b * n_t, k)  # sample-major: each rank owns whole samples
+    q = sinkhorn_knopp(rows, temp, n_iters, distributed=dist.is_dist())
+    return q.view(b, n_t, k).transpose(0, 1)
 
 
 def multicrop_cross_entropy(student_logits: torch.Tensor, t_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -53,8 +66,12 @@ class DINOLoss(nn.Module):
     overlapping backward) -> after the optimiser step ``apply_center_update()``.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center"):
         super().__init__()
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
+        self.centering = centering
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(out_dim))
@@ -67,6 +84,9 @@ class DINOLoss(nn.Module):
             raise ValueError(f"logit width must be {self.center.shape[0]}, got {tuple(student_logits.shape)}, "
                              f"{tuple(teacher_logits.shape)}")
         with fp32_island(student_logits.device.type):
+            if self.centering == "sinkhorn":  # the center is still tracked (a statistic) but not used
+                probs = sinkhorn_teacher_probs(teacher_logits.detach(), teacher_temp)
+                return multicrop_cross_entropy(student_logits, probs, self.student_temp)
             if use_fused() and student_logits.dtype != torch.float64 and teacher_logits.dtype != torch.float64:
                 loss, col_sum = soft_ce_fused(student_logits, teacher_logits.detach(), self.center,
                                               self.student_temp, teacher_temp)

@@ -7,6 +7,7 @@ Student sees every crop; the teacher (EMA, BN in batch-statistics mode) sees the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -35,6 +36,11 @@ class DINOConfig:
     warmup_teacher_temp_epochs: int = 50  # linear warm-up of the teacher temperature, per epoch (capped at epochs)
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 (0.9995 for small batches)
+    # How the teacher targets are kept from collapsing: "center" = DINO (subtract the EMA center, then softmax; the
+    # spec's default), "sinkhorn" = DINOv2/SwAV Sinkhorn-Knopp over the global batch of teacher crops (3 iterations,
+    # eps = teacher temperature): each batch is spread over the prototypes by construction. SCFS: applies to its DINO
+    # head (the shallow heads keep their own centers).
+    centering: Literal["center", "sinkhorn"] = "center"
 
     def __post_init__(self) -> None:
         if self.out_dim < 2:
@@ -65,7 +71,7 @@ class DINO(SSLMethod):
         self.epochs = cfg.train.epochs
         self.student = self.build_student(cfg)
         self.teacher = make_teacher(self.student)
-        self.loss = DINOLoss(self.cfg.out_dim, self.cfg.student_temp, self.cfg.center_momentum)
+        self.loss = DINOLoss(self.cfg.out_dim, self.cfg.student_temp, self.cfg.center_momentum, self.cfg.centering)
 
     def build_student(self, cfg):
         """The trained network (subclasses such as SCFS add heads); the teacher is its EMA copy."""

@@ -25,8 +25,36 @@ def naive_softmax(z: list[float]) -> list[float]:
     return [v / tot for v in e]
 
 
-def naive_dino_loss(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S) -> float:
-    """Triple loop over (teacher crop, student crop, image) in plain Python floats."""
+def centered_probs(teacher, center, tau_t=TAU_T):
+    """P_v[b] = softmax((o^t(g_v)_b - c) / T) for every teacher crop v and image b."""
+    return [[naive_softmax([(t - c) / tau_t for t, c in zip(row, center)]) for row in crop] for crop in teacher]
+
+
+def naive_sinkhorn_probs(teacher, eps=TAU_T, iters=3):
+    """DINOv2 / SwAV Sinkhorn-Knopp written from the equations, in plain floats: the N = T*B teacher rows and the K
+    prototypes; Q = exp(t / eps) / sum(exp(t / eps)); repeat: scale each prototype's total to 1/K, then each row's
+    total to 1/N; return N * Q (every row sums to 1)."""
+    rows = [(v, b) for v in range(len(teacher)) for b in range(len(teacher[0]))]
+    k_dim, n = len(teacher[0][0]), len(rows)
+    q = {(r, k): math.exp(teacher[r[0]][r[1]][k] / eps) for r in rows for k in range(k_dim)}
+    total = sum(q.values())
+    q = {key: val / total for key, val in q.items()}
+    for _ in range(iters):
+        for k in range(k_dim):
+            mass = sum(q[(r, k)] for r in rows)
+            for r in rows:
+                q[(r, k)] /= mass * k_dim
+        for r in rows:
+            mass = sum(q[(r, k)] for k in range(k_dim))
+            for k in range(k_dim):
+                q[(r, k)] /= mass * n
+    return [[[n * q[((v, b), k)] for k in range(k_dim)] for b in range(len(teacher[0]))] for v in range(len(teacher))]
+
+
+def naive_dino_loss(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S, probs=None) -> float:
+    """Triple loop over (teacher crop, student crop, image) in plain Python floats. ``probs`` replaces the centered
+    teacher softmax (Sinkhorn centering)."""
+    probs = probs or centered_probs(teacher, center, tau_t)
     n_s, n_t, batch = len(student), len(teacher), len(student[0])
     total, pairs = 0.0, 0
     for v in range(n_t):
@@ -35,7 +63,7 @@ def naive_dino_loss(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S) -> float
                 continue
             ce_sum = 0.0
             for b in range(batch):
-                p = naive_softmax([(t - c) / tau_t for t, c in zip(teacher[v][b], center)])
+                p = probs[v][b]
                 z = [s / tau_s for s in student[x][b]]
                 log_norm = max(z) + math.log(sum(math.exp(zj - max(z)) for zj in z))
                 ce_sum += -sum(pj * (zj - log_norm) for pj, zj in zip(p, z))
@@ -44,8 +72,9 @@ def naive_dino_loss(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S) -> float
     return total / pairs
 
 
-def naive_grad(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S):
+def naive_grad(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S, probs=None):
     """dL/ds[x][b][j] = (1/(pairs B tau_s)) sum_{v != x} (softmax(s[x][b]/tau_s)_j - P_v[b]_j)."""
+    probs = probs or centered_probs(teacher, center, tau_t)
     n_s, n_t, batch = len(student), len(teacher), len(student[0])
     pairs = n_t * n_s - n_t
     grad = [[[0.0] * len(center) for _ in range(batch)] for _ in range(n_s)]
@@ -55,7 +84,7 @@ def naive_grad(student, teacher, center, tau_t=TAU_T, tau_s=TAU_S):
             for v in range(n_t):
                 if v == x:
                     continue
-                p = naive_softmax([(t - c) / tau_t for t, c in zip(teacher[v][b], center)])
+                p = probs[v][b]
                 for j in range(len(center)):
                     grad[x][b][j] += (q[j] - p[j]) / (pairs * batch * tau_s)
     return torch.tensor(grad, dtype=torch.float64)
@@ -86,6 +115,31 @@ def test_loss_gradient_and_center_match_naive_reference_over_steps():
         center = naive_center(center, teacher.tolist())
         torch.testing.assert_close(loss_fn.center, torch.tensor(center, dtype=torch.float64), rtol=1e-9, atol=1e-12)
     assert loss_fn.center.abs().sum() > 0  # the center moved
+
+
+def test_sinkhorn_centering_matches_naive_reference_over_steps():
+    """centering="sinkhorn": targets are the Sinkhorn-Knopp assignment of all teacher rows (rows sum to 1, prototypes
+    get equal mass), loss and gradient follow from them; the center is still tracked but never used."""
+    loss_fn = DINOLoss(K, TAU_S, M, centering="sinkhorn").double()
+    g = torch.Generator().manual_seed(5)
+    center = [0.0] * K
+    for _ in range(3):
+        student = (torch.rand(S, B, K, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+        teacher = torch.rand(T, B, K, generator=g, dtype=torch.float64) * 2 - 1
+        probs = naive_sinkhorn_probs(teacher.tolist())
+        p = torch.tensor(probs, dtype=torch.float64)
+        torch.testing.assert_close(p.sum(-1), torch.ones(T, B, dtype=torch.float64))  # reference sanity
+        assert not torch.allclose(p, torch.tensor(centered_probs(teacher.tolist(), center), dtype=torch.float64))
+        loss = loss_fn(student, teacher, TAU_T)
+        loss.backward()
+        assert loss.item() == pytest.approx(naive_dino_loss(student.tolist(), teacher.tolist(), center,
+                                                            probs=probs), rel=1e-9)
+        torch.testing.assert_close(student.grad, naive_grad(student.tolist(), teacher.tolist(), center, probs=probs),
+                                   rtol=1e-7, atol=1e-12)
+        loss_fn.reduce_center_update(teacher)
+        loss_fn.apply_center_update()
+        center = naive_center(center, teacher.tolist())
+        torch.testing.assert_close(loss_fn.center, torch.tensor(center, dtype=torch.float64), rtol=1e-9, atol=1e-12)
 
 
 def test_center_update_waits_for_apply_and_is_not_done_in_forward():

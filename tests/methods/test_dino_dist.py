@@ -31,11 +31,11 @@ def _data():
     return feats, teacher, head.state_dict()
 
 
-def run_steps(feats, teacher, head_state, rank=0, world=1):
+def run_steps(feats, teacher, head_state, rank=0, world=1, centering="center"):
     """STEPS training steps of a linear 'student head' with the DINO loss on this rank's slice of the batch."""
     head = nn.Linear(D, K).double()
     head.load_state_dict(head_state)
-    loss_fn = DINOLoss(K).double()
+    loss_fn = DINOLoss(K, centering=centering).double()
     rows = slice(rank * N // world, (rank + 1) * N // world)
     history = []
     for step in range(STEPS):
@@ -53,15 +53,17 @@ def run_steps(feats, teacher, head_state, rank=0, world=1):
     return history
 
 
-def _worker(rank, world_size, tmpdir, feats, teacher, head_state):
-    return run_steps(feats, teacher, head_state, rank, world_size)
+def _worker(rank, world_size, tmpdir, feats, teacher, head_state, centering):
+    return run_steps(feats, teacher, head_state, rank, world_size, centering)
 
 
 @pytest.mark.dist
-def test_two_ranks_equal_one_process_on_concatenated_batch():
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+def test_two_ranks_equal_one_process_on_concatenated_batch(centering):
+    """Sinkhorn centering balances over the global batch: its row sums are all-reduced, so it is equivalent too."""
     feats, teacher, head_state = _data()
-    single = run_steps(feats, teacher, head_state)
-    per_rank = run_distributed(_worker, 2, feats, teacher, head_state)
+    single = run_steps(feats, teacher, head_state, centering=centering)
+    per_rank = run_distributed(_worker, 2, feats, teacher, head_state, centering)
     for hist in per_rank:
         for (loss, grads, center), (loss1, grads1, center1) in zip(hist, single):
             torch.testing.assert_close(loss, loss1, rtol=1e-12, atol=1e-12)
