@@ -15,25 +15,10 @@ from pipeline import blur_ops
 from pipeline.batch import Batch
 from pipeline.gpu_augment import DeviceAugment, sample_params
 from runtime.config import ViewConfig
+from tests.pipeline.naive_ops import naive_blur
 
 pytest.importorskip("numba")
 ID = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # normalisation off
-
-
-def naive_blur(x: np.ndarray, sigma: float, size: int) -> np.ndarray:
-    """float64 separable Gaussian, edge replication, explicit loops over the two tap offsets: (C, H, W) -> same."""
-    half = size // 2
-    t = np.arange(-half, half + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (t / sigma) ** 2)
-    k /= k.sum()
-    c, h, w = x.shape
-    out = np.zeros((c, h, w))
-    for a in range(size):
-        rows = np.clip(np.arange(h) + a - half, 0, h - 1)
-        for b in range(size):
-            cols = np.clip(np.arange(w) + b - half, 0, w - 1)
-            out += k[a] * k[b] * x[:, rows][:, :, cols]
-    return out
 
 
 def rand(shape, seed=0) -> torch.Tensor:

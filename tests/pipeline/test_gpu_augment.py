@@ -16,6 +16,7 @@ from pipeline import augment_ops as ops
 from pipeline.batch import Batch
 from pipeline.gpu_augment import DeviceAugment, sample_params
 from runtime.config import DataConfig, ViewConfig, dino_views
+from tests.pipeline.naive_ops import naive_blur
 
 ID_MEAN, ID_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # normalisation off: outputs are the [0, 1] images
 TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -54,24 +55,6 @@ def assert_rate(hits: torch.Tensor, p: float) -> None:
     n = hits.numel()
     rate = hits.float().mean().item()
     assert abs(rate - p) < 4.5 * math.sqrt(p * (1 - p) / n) + 1e-9, f"rate {rate:.3f} vs p={p}"
-
-
-def naive_blur(x: np.ndarray, sigma: float, size: int) -> np.ndarray:
-    """float64 separable Gaussian with edge replication, written as explicit loops over taps."""
-    half = size // 2
-    t = np.arange(-half, half + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (t / sigma) ** 2)
-    k /= k.sum()
-    c, h, w = x.shape
-    out = np.zeros_like(x, dtype=np.float64)
-    for i in range(h):
-        for j in range(w):
-            for a in range(size):
-                for bb in range(size):
-                    ii = min(max(i + a - half, 0), h - 1)
-                    jj = min(max(j + bb - half, 0), w - 1)
-                    out[:, i, j] += k[a] * k[bb] * x[:, ii, jj]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- single ops
