@@ -136,6 +136,7 @@ def run_knn(args) -> dict:
                             args.temperature, args.random_baseline, cache=_cache(args, path, args.weights, precision),
                             autocast_dtype=autocast_dtype(precision, device), loaded=(backbone, cfg))
     res["checkpoint"] = path
+    res["method"], res["backbone"] = cfg.method, cfg.model.backbone
     _write_json(res, args.out or (os.path.join(args.report, "knn_eval.json") if args.report else None))
     print_knn_table(res, args.report)
     return res

@@ -23,6 +23,8 @@ def print_knn_table(res: dict, run_dir: str | None = None) -> None:
     rows = [name for name in ("pretrained", "random_init") if name in res]
     ks = [k for k in res[rows[0]] if k.startswith("k")]
     header = f"{'backbone':<14}" + "".join(f"{'kNN@' + k[1:] + ' top-1':>15}" for k in ks) + f"{'eval s':>9}"
+    if "method" in res:
+        print(f"\nkNN: {res['method']} ({res.get('backbone', '?')}), {res.get('checkpoint', '')}")
     print("\n" + header)
     print("-" * len(header))
     for name in rows:

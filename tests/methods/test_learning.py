@@ -1,7 +1,7 @@
 """Every registered method's demo recipe trains on the built-in dataset through the real trainer without non-finite
-values, and its checkpoint evaluates with kNN; INTL's demo recipe must also lift kNN above a random-init backbone by
-a margin measured on this machine (the real learning check; the other methods' demo numbers are in README, Methods,
-and their schedules to a clear margin are longer than CI allows).
+values, and its checkpoint evaluates with kNN. The INTL and CW-RGP demo recipes must also lift kNN above a random-init
+backbone by a margin measured on this machine (the real learning check). The other methods do not reach a clear margin
+in a few hundred CPU steps on this data (README, Methods, has every method's measured demo kNN).
 """
 
 import os
@@ -46,17 +46,20 @@ def test_demo_recipe_trains_finite(name, demo_root, tmp_path):
     assert 0.0 <= res["k20"]["top1"] <= 100.0
 
 
-#: INTL demo recipe, 3 epochs (120 steps of 64), torchvision loader: measured kNN k=20 top-1 {TRAINED} % trained vs
-#: {RANDOM} % random init (same seed, same eval). The asserted margin is about half the measured one.
-LEARN_EPOCHS, MIN_MARGIN = 3, 8.0
+#: (method, epochs) whose demo recipe learns within a CI budget; measured kNN k=20 top-1 (torchvision loader, this
+#: test's exact settings): INTL 3 epochs {INTL}, CW-RGP 2 epochs {CWRGP}. The asserted margin is about half the
+#: smaller measured one. (6-epoch demo runs: README, Methods.)
+LEARNERS = [("intl", 3), ("cw_rgp", 2)]
+MIN_MARGIN = 8.0
 
 
 @pytest.mark.slow
-def test_intl_demo_recipe_beats_random_init_on_knn(demo_root, tmp_path):
-    exp = os.path.join(CONFIG_DIR, "exp", "intl_demo.yaml")
-    cfg = load_config("intl", [exp], [
+@pytest.mark.parametrize("name,epochs", LEARNERS)
+def test_demo_recipe_beats_random_init_on_knn(name, epochs, demo_root, tmp_path):
+    exp = os.path.join(CONFIG_DIR, "exp", f"{name}_demo.yaml")
+    cfg = load_config(name, [exp], [
         "data.loader=torchvision", f"data.train_path={demo_root}/train", f"eval.train_dir={demo_root}/train",
-        f"eval.val_dir={demo_root}/val", f"train.out_dir={tmp_path}", f"train.epochs={LEARN_EPOCHS}",
+        f"eval.val_dir={demo_root}/val", f"train.out_dir={tmp_path}", f"train.epochs={epochs}",
         "train.tensorboard=false", "train.ckpt_every=100000", "train.knn_at_end=false"])
     seed_everything(cfg.train.seed)
     random_init = build_method(cfg).backbone_for_eval("auto")
@@ -65,5 +68,5 @@ def test_intl_demo_recipe_beats_random_init_on_knn(demo_root, tmp_path):
     trainer.fit()
     trained = knn_of_backbone(trainer.method.backbone_for_eval("auto"), cfg, cfg.eval.train_dir, cfg.eval.val_dir,
                               trainer.device)
-    print(f"kNN top-1: trained {trained['k20']['top1']:.1f} %, random init {rand['k20']['top1']:.1f} %")
+    print(f"{name}: kNN top-1 trained {trained['k20']['top1']:.1f} %, random init {rand['k20']['top1']:.1f} %")
     assert trained["k20"]["top1"] >= rand["k20"]["top1"] + MIN_MARGIN, (trained, rand)
