@@ -12,8 +12,8 @@ as written by ``convert_dataset.py``).
   (``pipeline.build_loader`` with one view and no colour ops) so sample order, rank sharding and crop randomness are
   a function of (seed, epoch, index) exactly as in pre-training.
 
-Every batch is ``(images uint8 (B, 3, S, S), labels int64 (B,))`` on the CPU; :func:`normalize` turns images into
-the backbone input on the device.
+Every batch is ``(images uint8 (B, 3, S, S), labels int64 (B,))`` on the CPU, owned by the caller (safe to keep after
+the next batch); :func:`normalize` turns images into the backbone input on the device.
 """
 
 from __future__ import annotations
@@ -135,7 +135,10 @@ class BetonSplit(EvalSplit):
         torch.set_num_threads(threads)  # ffcv resizes torch's intra-op pool to num_workers
         try:
             for images, labels in loader:
-                yield torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels.reshape(-1))
+                # FFCV reuses its output buffers for later batches: copy, so a caller may keep batches (the kNN bank
+                # collects every batch's labels; views of the buffers gave it later batches' labels)
+                yield (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                       torch.from_numpy(labels.reshape(-1).copy()))
         finally:
             torch.set_num_threads(threads)
 
