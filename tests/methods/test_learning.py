@@ -48,8 +48,8 @@ def test_demo_recipe_trains_finite(name, demo_root, tmp_path):
 
 #: (method, epochs) whose demo recipe learns clearly within a CI budget. Measured with this test's exact settings
 #: (torchvision loader, kNN k=20 top-1, trained vs random init): CW-RGP 4 epochs 44.6 vs 19.6 % (+25.0, 159 s);
-#: CW-RGP 2 epochs 24.8 vs 19.6 %; INTL 3 epochs 30.6 vs 24.0 % - too close to run-to-run noise (DINO's spread was
-#: 4 points) to assert on. The asserted margin is about half of +25.0.
+#: CW-RGP 2 epochs 24.8 vs 19.6 %; INTL 3 epochs 30.6 vs 24.0 % - too close to the spread of two DINO runs that
+#: differ only in the jitter implementation (4 points) to assert on. The asserted margin is about half of +25.0.
 LEARNERS = [("cw_rgp", 4)]
 MIN_MARGIN = 12.0
 
