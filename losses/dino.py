@@ -26,7 +26,8 @@ def sinkhorn_teacher_probs(teacher_logits: torch.Tensor, temp: float, n_iters: i
     """DINOv2's Sinkhorn-Knopp centering: all teacher crops of the global batch are the rows of one assignment.
 
     Rows are split over ranks (the row sums are all-reduced), so 2 ranks equal 1 process on the concatenated batch.
-    (T, B, K) -> (T, B, K) fp32 probabilities, each row summing to 1, each prototype receiving ~1/K of the mass.
+    (T, B, K) -> (T, B, K) fp32 probabilities, each row summing to 1, the prototypes pushed towards 1/K of the mass
+    each (exactly balanced only in the limit of many iterations).
     """
     n_t, b, k = teacher_logits.shape
     rows = teacher_logits.transpose(0, 1).reshape(b * n_t, k)  # sample-major: each rank owns whole samples
