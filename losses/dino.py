@@ -25,7 +25,8 @@ def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temp: floa
 def sinkhorn_teacher_probs(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3) -> torch.Tensor:
     """DINOv2's Sinkhorn-Knopp centering: all teacher crops of the global batch are the rows of one assignment.
 
-    Rows are split over ranks (the row sums are all-reduced), so 2 ranks equal 1 process on the concatenated batch.
+    Rows are split over ranks (the per-prototype sums over rows are all-reduced), so 2 ranks equal 1 process on the
+    concatenated batch.
     (T, B, K) -> (T, B, K) fp32 probabilities, each row summing to 1, the prototypes pushed towards 1/K of the mass
     each (exactly balanced only in the limit of many iterations).
     """
