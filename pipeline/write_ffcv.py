@@ -18,6 +18,7 @@ from __future__ import annotations
 import _thread
 import functools
 import multiprocessing
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -108,12 +109,24 @@ class _ChildWatchdog:
                 return
 
     def __enter__(self) -> _ChildWatchdog:
+        # interrupt_main() only raises KeyboardInterrupt where SIGINT has a Python handler; a process started in the
+        # background by a non-interactive shell (`convert ... &`, nohup) inherits SIGINT ignored, and the watchdog
+        # would fire into nothing (measured: the writer-death test hung under `nohup ... &`). Install the default
+        # handler for the duration of the write, from the main thread (the only one allowed to).
+        self._saved_sigint = None
+        if threading.current_thread() is threading.main_thread():
+            current = signal.getsignal(signal.SIGINT)
+            if not callable(current):
+                self._saved_sigint = current
+                signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._saved_sigint is not None:
+            signal.signal(signal.SIGINT, self._saved_sigint)
 
 
 def write_beton(path: str, samples: SpooledSamples, progress: bool = True) -> None:

@@ -220,8 +220,14 @@ def test_dali_interrupted_while_writing_shards(good_tree, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])  # ignored: started with `&` / nohup by a script
+def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, monkeypatch, sigint):
+    import signal
+
     import pipeline.write_ffcv as wf
+
+    handler = signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
+    saved = signal.signal(signal.SIGINT, handler)
 
     def dies(destination, value, malloc):
         os._exit(3)  # e.g. the OOM killer taking ffcv's writer process
@@ -229,8 +235,12 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
     monkeypatch.setattr(wf, "_encode_stored_jpeg", dies)
     monkeypatch.setattr(wf, "WATCHDOG_GRACE_S", 0.5)
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    with pytest.raises(RuntimeError, match="writer process died"):
-        convert(str(good_tree.root), str(tmp_path / "x.beton"), workers=1, progress=False)
+    try:
+        with pytest.raises(RuntimeError, match="writer process died"):
+            convert(str(good_tree.root), str(tmp_path / "x.beton"), workers=1, progress=False)
+        assert signal.getsignal(signal.SIGINT) == handler  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGINT, saved)
     assert not (tmp_path / "x.beton").exists() and not (tmp_path / "x.manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     if os.path.isdir("/dev/shm"):
