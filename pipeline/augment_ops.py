@@ -23,6 +23,7 @@ Three formulations of the random-order ColorJitter:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -442,3 +443,19 @@ def normalize(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, out: tor
     if out is None:
         return torch.addcmul(bias, x, scale)
     return torch.addcmul(bias, x, scale, out=out)
+
+
+def on_subset(x: torch.Tensor, mask: torch.Tensor, fn: Callable) -> torch.Tensor:
+    """Apply ``fn(x[sel], sel)`` to the rows selected by the host bool ``mask`` (N,) and put them back.
+
+    The selection is known on the host, so there is no device sync; ops then cost in proportion to the number of
+    selected samples (e.g. blur with p=0.1 touches 10% of the batch). Returns ``x`` itself when no row is selected, a
+    new tensor otherwise.
+    """
+    sel = torch.nonzero(mask).squeeze(1)
+    if sel.numel() == 0:
+        return x
+    if sel.numel() == x.shape[0]:
+        return fn(x, sel)
+    sel_dev = sel.to(x.device, non_blocking=True)
+    return x.index_copy(0, sel_dev, fn(x.index_select(0, sel_dev), sel))

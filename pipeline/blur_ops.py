@@ -153,11 +153,4 @@ def blur_selected(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size
         raise ValueError(f"blur_selected: impl must be 'kernel' or 'torch', got {impl!r}")
     if impl == "kernel" and direct_blur_available(x):
         return blur_selected_cpu_(x, mask, sigma, size)
-    sel = torch.nonzero(mask).squeeze(1)
-    if sel.numel() == 0:
-        return x
-    sel_dev = sel.to(x.device, non_blocking=True)
-    blurred = ops.gaussian_blur(x.index_select(0, sel_dev), sigma[sel].to(x.device), size)
-    if sel.numel() == x.shape[0]:
-        return blurred
-    return x.index_copy(0, sel_dev, blurred.to(x.dtype))
+    return ops.on_subset(x, mask, lambda t, sel: ops.gaussian_blur(t, sigma[sel].to(x.device), size))

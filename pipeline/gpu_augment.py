@@ -250,7 +250,7 @@ class DeviceAugment:
                 sol = None if sol is None else sol.to(dev, non_blocking=True)
                 return self._finish(y, sol, scale, bias, self.out_dtype, self.channels_last)
             if sol is not None:
-                y = _on_subset(y, sol, lambda t, sel: ops.solarize(t))
+                y = ops.on_subset(y, sol, lambda t, sel: ops.solarize(t))
             return finish_stage(y, None, scale, bias, self.out_dtype, self.channels_last)
 
     def _fused_color(self, x: torch.Tensor, view: ViewConfig, p: ViewParams, flip: torch.Tensor | None):
@@ -268,7 +268,7 @@ class DeviceAugment:
         if self.compiled:
             return self._color(x, None if flip is None else flip.to(dev, non_blocking=True), m_mat, b_vec)
         if flip is not None:
-            x = _on_subset(x, flip, lambda t, sel: t.flip(-1))
+            x = ops.on_subset(x, flip, lambda t, sel: t.flip(-1))
         return ops.apply_color_matrix_u8(x, m_mat, b_vec)
 
     def _exact_color(self, x: torch.Tensor, view: ViewConfig, p: ViewParams, flip: torch.Tensor | None):
@@ -276,7 +276,7 @@ class DeviceAugment:
         enabled = _jitter_enabled(view)
         if view.cpu_impl == "kernel" and color_kernel.kernel_available(x):  # CPU: one pass, ~10x the torch ops
             if flip is not None:
-                x = _on_subset(x, flip, lambda t, sel: t.flip(-1))
+                x = ops.on_subset(x, flip, lambda t, sel: t.flip(-1))
             gray = p.gray if bool(p.gray.any()) else None
             return color_kernel.color_exact_cpu(x, p.order, p.factors, p.jitter, enabled, gray)
         if self.compiled:
@@ -285,13 +285,13 @@ class DeviceAugment:
             return self._color_exact(x, to(flip), to(p.order), to(p.factors), to(active),
                                      to(p.gray if bool(p.gray.any()) else None), enabled[3])
         if flip is not None:
-            x = _on_subset(x, flip, lambda t, sel: t.flip(-1))
+            x = ops.on_subset(x, flip, lambda t, sel: t.flip(-1))
         y = ops.to_float01(x)
         if any(enabled) and bool(p.jitter.any()):
             factors = p.factors.to(dev, non_blocking=True)
             y = ops.color_jitter_exact(y, p.order, factors, p.jitter, enabled)
         if bool(p.gray.any()):
-            y = _on_subset(y, p.gray, lambda t, sel: ops.grayscale(t).expand_as(t))
+            y = ops.on_subset(y, p.gray, lambda t, sel: ops.grayscale(t).expand_as(t))
         return y
 
 
@@ -307,16 +307,3 @@ def _stack_contiguous(views: list[torch.Tensor]) -> torch.Tensor:
     for j, v in enumerate(views):
         out[j * b : (j + 1) * b].copy_(v)
     return out
-
-
-def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn: Callable) -> torch.Tensor:
-    """Apply ``fn(x[sel], sel)`` to the rows selected by the host bool ``mask`` (N,) and put them back.
-
-    The selection is known on the host, so there is no device sync; ops then cost in proportion to the number of
-    selected samples (e.g. blur with p=0.1 touches 10% of the batch). Returns a new tensor unless all rows are selected.
-    """
-    sel = torch.nonzero(mask).squeeze(1)
-    if sel.numel() == x.shape[0]:
-        return fn(x, sel)
-    sel_dev = sel.to(x.device, non_blocking=True)
-    return x.index_copy(0, sel_dev, fn(x.index_select(0, sel_dev), sel))
