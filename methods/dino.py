@@ -17,6 +17,7 @@ from methods.base import SSLMethod, StepContext, StepOutput
 from models.backbone import build_backbone, feature_dim
 from models.ema import make_teacher
 from models.heads import DINOHead
+from models.residual_init import set_zero_init_residual
 from models.ssl_net import BackboneWithHead
 from optim.schedules import ema_momentum, teacher_temperature
 from runtime.config_loader import ConfigError
@@ -41,6 +42,8 @@ class DINOConfig:
     # eps = teacher temperature): each batch is spread over the prototypes by construction. SCFS: applies to its DINO
     # head (the shallow heads keep their own centers).
     centering: Literal["center", "sinkhorn"] = "center"
+    # gamma = 0 in each residual block's last BN: off, as the official torchvision resnet50() (timm's default is on)
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.out_dim < 2:
@@ -55,6 +58,7 @@ class DINOConfig:
 def build_dino_student(cfg) -> BackboneWithHead:
     backbone = build_backbone(cfg.model)
     s = cfg.ssl
+    set_zero_init_residual(backbone, s.zero_init_residual)
     head = DINOHead(feature_dim(backbone), s.out_dim, s.hidden_dim, s.bottleneck_dim, s.head_layers,
                     s.use_bn_in_head, s.norm_last_layer)
     return BackboneWithHead(backbone, head)

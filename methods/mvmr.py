@@ -28,6 +28,7 @@ from models.backbone import build_backbone, feature_dim
 from models.frozen_teacher import FrozenTeacher, FrozenTeacherConfig, build_teacher_net
 from models.handcrafted import CODE_SCALE, HandcraftedRepresentations
 from models.heads import MLPConfig, build_mlp
+from models.residual_init import set_zero_init_residual
 from models.ssl_net import BackboneWithHead
 from runtime.config_loader import ConfigError
 
@@ -47,6 +48,7 @@ class MVMRConfig:
     representations: list[str] = field(default_factory=lambda: list(CODE_SCALE))
     # 'code': +dCor(psi, z_a) is *added* (the released code: dependence is reduced); 'paper': 1 - dCor (maximised)
     handcrafted_sign: Literal["code", "paper"] = "code"
+    zero_init_residual: bool = True  # the official torchvision resnet50(zero_init_residual=True)
     original_view: int = 0  # index in data.expanded_views() of the un-augmented view; the other one is augmented
     scat_j: int = 2  # kymatio Scattering2D scales J
     scat_l: int = 8  # and orientations L -> 1 + J L + L^2 J (J - 1) / 2 = 81 channels per colour
@@ -77,6 +79,7 @@ def build_mvmr_student(cfg) -> BackboneWithHead:
     """timm backbone + MV-MR's bias-free BN/ReLU projector (no normalisation at the output)."""
     backbone = build_backbone(cfg.model)
     s = cfg.ssl
+    set_zero_init_residual(backbone, s.zero_init_residual)
     head = build_mlp(feature_dim(backbone), MLPConfig(hidden_dim=s.proj_hidden_dim, out_dim=s.proj_out_dim,
                                                       layers=s.proj_layers, norm="bn", act="relu", bias=False))
     return BackboneWithHead(backbone, head)
