@@ -96,3 +96,22 @@ def test_config_errors_name_the_key():
         load_config("scfs", [], TINY + ["data.views=[{role: global, count: 2, size: 32}]"])
     with pytest.raises(ConfigError, match="ssl.shallow_stages"):
         load_config("scfs", [], TINY + ["ssl.shallow_stages=[2, 2]"])
+
+
+@pytest.mark.parametrize("method_name, extra, expected_gamma", [
+    ("dino", [], 1.0),  # official DINO/SCFS: torchvision resnet50() default init (timm would zero-init)
+    ("scfs", [], 1.0),
+    ("dino", ["ssl.zero_init_residual=true"], 0.0),
+    ("mvmr", [], 0.0),  # official MV-MR encoder: resnet50(zero_init_residual=True)
+])
+def test_residual_block_init_follows_the_official_encoder(method_name, extra, expected_gamma):
+    overrides = {"scfs": TINY, "dino": [o for o in TINY if not o.startswith("ssl.shallow")],
+                 "mvmr": ["model.backbone=resnet18", "ssl.proj_hidden_dim=32", "ssl.proj_out_dim=32",
+                          "ssl.representations=[]"]}[method_name]
+    method = build_method(load_config(method_name, [], overrides + extra))
+    last_bns = [blk.bn2.weight for layer in ("layer1", "layer2", "layer3", "layer4")
+                for blk in getattr(method.student.backbone, layer)]
+    assert len(last_bns) == 8
+    assert all(torch.all(w == expected_gamma) for w in last_bns)
+    if method.teacher is not None:  # the EMA teacher starts as the same network
+        assert torch.equal(method.teacher.backbone.layer4[1].bn2.weight, method.student.backbone.layer4[1].bn2.weight)
