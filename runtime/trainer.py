@@ -20,6 +20,7 @@ from optim.build import apply_schedules, build_optimizer, cancel_last_layer_grad
 from pipeline import build_loader
 from runtime import checkpoint as ckpt
 from runtime import dist
+from runtime.collapse import CollapseMonitor
 from runtime.config import Config, config_from_dict, config_to_dict
 from runtime.logging import MetricLogger, Throughput, log
 from runtime.setup import autocast_ctx, make_augment, pick_device, seed_everything
@@ -62,6 +63,8 @@ class Trainer:
         self.method = build_method(cfg)
         self.model = parallelize(self.method, cfg.model, self.device)
         self.optimizer = build_optimizer(self.method.student, cfg.optim, self.device.type)
+        self.collapse = None if cfg.model.compile else CollapseMonitor(self.method.student.backbone,
+                                                                       cfg.data.batch_size)
         fp16 = cfg.model.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.state = TrainState()
@@ -123,6 +126,9 @@ class Trainer:
         views = batch.views
         if cfg.model.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        monitor = self.collapse is not None and self._logs_at(ctx.step + 1)
+        if monitor:
+            self.collapse.arm()
         with autocast_ctx(cfg.model.precision, self.device):
             out = self.model(views, batch.n_global, ctx)
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,7 +142,13 @@ class Trainer:
         self.method.after_step(out, ctx)
         logs = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.logs.items()}}
         logs["lr"], logs["wd"] = torch.tensor(lr), torch.tensor(wd)
+        if monitor:
+            logs.update(self.collapse.stats())
         return logs
+
+    def _logs_at(self, step: int) -> bool:
+        """True when the loop logs after reaching ``step`` (counted after the increment)."""
+        return step % self.cfg.train.log_every == 0 or step == self.total_steps
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -159,7 +171,7 @@ class Trainer:
                 self.state.step += 1
                 meter.add(batch.batch_size * dist.world_size(), data_wait)
                 bar.update(1)
-                if self.state.step % cfg.train.log_every == 0 or self.state.step == self.total_steps:
+                if self._logs_at(self.state.step):
                     self._log(logs, meter, finite, bar)
                 if self.state.step % cfg.train.ckpt_every == 0:
                     self._check_finite(finite)
@@ -179,7 +191,8 @@ class Trainer:
         meter.reset()
         self.state.history.append({"step": self.state.step, **values})
         self.metrics.write(self.state.step, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{ips:.0f}")
+        extra = {"rank": f"{values['feat_rank']:.1f}"} if "feat_rank" in values else {}
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{ips:.0f}", **extra)
 
     def _check_finite(self, finite: torch.Tensor) -> None:
         if not bool(finite):  # SYNC
