@@ -1,7 +1,7 @@
 """Every registered method's demo recipe trains on the built-in dataset through the real trainer without non-finite
-values, and its checkpoint evaluates with kNN. The CW-RGP demo recipe must also lift kNN above a random-init backbone
-by a margin measured on this machine (the real learning check). The other methods do not reach a clear margin in a
-CI-sized CPU budget on this data (README, "Demo results", has every method's measured demo kNN).
+values, and its checkpoint evaluates with kNN. The CW-RGP and MV-MR demo recipes must also lift kNN above a random-init
+backbone by a margin measured on this machine (the real learning check). DINO, SCFS, ReSSL and ReSA do not reach a
+clear margin in a CI-sized CPU budget on this data (README, "Demo results", has every method's measured demo kNN).
 """
 
 import os
@@ -46,17 +46,18 @@ def test_demo_recipe_trains_finite(name, demo_root, tmp_path):
     assert 0.0 <= res["k20"]["top1"] <= 100.0
 
 
-#: (method, epochs) whose demo recipe learns clearly within a CI budget. Measured with this test's exact settings
-#: (torchvision loader, kNN k=20 top-1, trained vs random init): CW-RGP 4 epochs 44.6 vs 19.6 % (+25.0, 159 s);
-#: CW-RGP 2 epochs 24.8 vs 19.6 %; INTL 3 epochs 30.6 vs 24.0 % - too close to the spread of two DINO runs that
-#: differ only in the jitter implementation (4 points) to assert on. The asserted margin is about half of +25.0.
-LEARNERS = [("cw_rgp", 4)]
-MIN_MARGIN = 12.0
+#: (method, epochs, asserted margin in points) whose demo recipe learns clearly within a CI budget. Measured with this
+#: test's exact settings (torchvision loader, kNN k=20 top-1, trained vs random init):
+#: CW-RGP 4 epochs 44.6 vs 19.6 % (+25.0, 159 s alone); CW-RGP 2 epochs 24.8 vs 19.6 %;
+#: MV-MR (paper's dCor sign, its demo recipe) 3 epochs 25.8 vs 19.6 % (+6.2; the FFCV demo run gave +6.4 at the same
+#: step and rose steadily 22.2 -> 26.4 % over 240 steps); INTL 3 epochs 30.6 vs 24.0 % (+6.6, not asserted: one
+#: learner per loss family keeps the suite under its time budget). Each asserted margin is about half the measured one.
+LEARNERS = [("cw_rgp", 4, 12.0), ("mvmr", 3, 3.0)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,epochs", LEARNERS)
-def test_demo_recipe_beats_random_init_on_knn(name, epochs, demo_root, tmp_path):
+@pytest.mark.parametrize("name,epochs,margin", LEARNERS)
+def test_demo_recipe_beats_random_init_on_knn(name, epochs, margin, demo_root, tmp_path):
     exp = os.path.join(CONFIG_DIR, "exp", f"{name}_demo.yaml")
     cfg = load_config(name, [exp], [
         "data.loader=torchvision", f"data.train_path={demo_root}/train", f"eval.train_dir={demo_root}/train",
@@ -70,4 +71,4 @@ def test_demo_recipe_beats_random_init_on_knn(name, epochs, demo_root, tmp_path)
     trained = knn_of_backbone(trainer.method.backbone_for_eval("auto"), cfg, cfg.eval.train_dir, cfg.eval.val_dir,
                               trainer.device)
     print(f"{name}: kNN top-1 trained {trained['k20']['top1']:.1f} %, random init {rand['k20']['top1']:.1f} %")
-    assert trained["k20"]["top1"] >= rand["k20"]["top1"] + MIN_MARGIN, (trained, rand)
+    assert trained["k20"]["top1"] >= rand["k20"]["top1"] + margin, (trained, rand)
