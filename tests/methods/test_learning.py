@@ -49,9 +49,10 @@ def test_demo_recipe_trains_finite(name, demo_root, tmp_path):
 #: (method, epochs, asserted margin in points) whose demo recipe learns clearly within a CI budget. Measured with this
 #: test's exact settings (torchvision loader, kNN k=20 top-1, trained vs random init):
 #: CW-RGP 4 epochs 44.6 vs 19.6 % (+25.0, 159 s alone); CW-RGP 2 epochs 24.8 vs 19.6 %;
-#: MV-MR (paper's dCor sign, its demo recipe) 3 epochs 25.8 vs 19.6 % (+6.2; the FFCV demo run gave +6.4 at the same
-#: step and rose steadily 22.2 -> 26.4 % over 240 steps); INTL 3 epochs 30.6 vs 24.0 % (+6.6, not asserted: one
-#: learner per loss family keeps the suite under its time budget). Each asserted margin is about half the measured one.
+#: MV-MR (paper's dCor sign, its demo recipe) 3 epochs 25.8 vs 19.6 % (+6.2; the FFCV demo run, kNN on the .beton
+#: copies, gave 26.0 vs 20.6 % at the same step and rose steadily 22.2 -> 26.4 % over 240 steps);
+#: INTL 3 epochs 30.6 vs 24.0 % (+6.6, not asserted: one learner per loss family keeps the suite under its time
+#: budget). Each asserted margin is about half the measured one.
 LEARNERS = [("cw_rgp", 4, 12.0), ("mvmr", 3, 3.0)]
 
 
