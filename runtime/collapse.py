@@ -29,15 +29,13 @@ def effective_rank(feats: torch.Tensor) -> torch.Tensor:
     converges on the rank-deficient matrices collapse produces, where LAPACK's SVD can fail).
     """
     x = feats.detach().double()
-    if not bool(torch.isfinite(x).all()):
-        return torch.full((), float("nan"), device=feats.device)
+    finite = torch.isfinite(x).all()  # branch-free below: no host sync inside the training step
+    x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
     x = x - x.mean(dim=0, keepdim=True)
     s2 = torch.linalg.eigvalsh(x @ x.T).clamp_min(0)
-    total = s2.sum()
-    if total <= 0:
-        return torch.ones((), device=feats.device)
-    p = s2 / total
+    p = s2 / s2.sum().clamp_min(1e-300)  # all zero (constant features): p = 0, entropy 0, rank 1
     entropy = -(p * torch.log(p.clamp_min(1e-300))).sum()
+    entropy = torch.where(finite, entropy, torch.full_like(entropy, float("nan")))
     return torch.exp(entropy).float()
 
 
