@@ -88,11 +88,14 @@ class _ChildWatchdog:
 
     ``DatasetWriter`` polls a shared counter until every sample is done; if a worker dies (OOM kill, crash) that
     loop would spin forever. The watchdog turns that into a KeyboardInterrupt, which the caller reports as an error.
+    Only processes started after ``__enter__`` count as the writer's: a child the caller already had (a DataLoader
+    worker kept alive by a stored traceback, say) must not keep the watchdog from firing.
     """
 
     def __init__(self, grace_s: float | None = None):
         self.grace_s = WATCHDOG_GRACE_S if grace_s is None else grace_s
         self.fired = False
+        self._foreign: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -101,18 +104,23 @@ class _ChildWatchdog:
         # first poll. After the processes finish normally the writer only writes two small tables and returns.
         idle_since = time.monotonic()
         while not self._stop.wait(0.2):
-            if multiprocessing.active_children():
+            if self.writer_processes():
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > self.grace_s:
                 self.fired = True
                 _thread.interrupt_main()
                 return
 
+    def writer_processes(self) -> list[multiprocessing.Process]:
+        """The live child processes started since ``__enter__`` (ffcv's writer processes)."""
+        return [p for p in multiprocessing.active_children() if p.pid not in self._foreign]
+
     def __enter__(self) -> _ChildWatchdog:
         # interrupt_main() only raises KeyboardInterrupt where SIGINT has a Python handler; a process started in the
         # background by a non-interactive shell (`convert ... &`, nohup) inherits SIGINT ignored, and the watchdog
         # would fire into nothing (measured: the writer-death test hung under `nohup ... &`). Install the default
         # handler for the duration of the write, from the main thread (the only one allowed to).
+        self._foreign = {p.pid for p in multiprocessing.active_children()}
         self._saved_sigint = None
         if threading.current_thread() is threading.main_thread():
             current = signal.getsignal(signal.SIGINT)
@@ -160,7 +168,7 @@ def write_beton(path: str, samples: SpooledSamples, progress: bool = True) -> No
         with watchdog:
             writer.from_indexed_dataset(_SpoolDataset(samples), chunksize=256)
     except BaseException as e:
-        _cleanup_failed_writer(writer)
+        _cleanup_failed_writer(writer, watchdog.writer_processes())
         if isinstance(e, KeyboardInterrupt) and watchdog.fired:
             raise RuntimeError(f"{path}: an ffcv writer process died before all samples were written") from None
         raise
@@ -168,9 +176,9 @@ def write_beton(path: str, samples: SpooledSamples, progress: bool = True) -> No
         ffcv.writer.tqdm = saved_tqdm
 
 
-def _cleanup_failed_writer(writer: Any) -> None:
-    """Stop ffcv's writer processes and free its shared-memory metadata block after a failure."""
-    for child in multiprocessing.active_children():
+def _cleanup_failed_writer(writer: Any, processes: list[multiprocessing.Process]) -> None:
+    """Stop ffcv's writer ``processes`` and free its shared-memory metadata block after a failure."""
+    for child in processes:
         child.terminate()
         child.join(5)
     sm = getattr(writer, "metadata_sm", None)

@@ -220,9 +220,13 @@ def test_dali_interrupted_while_writing_shards(good_tree, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.parametrize("sigint", ["default", "ignored"])  # ignored: started with `&` / nohup by a script
+# ignored: started with `&` / nohup by a script; other-child: the caller already has a live child process (a
+# DataLoader worker kept alive by a failed test's traceback hung CI here before the watchdog ignored such children)
+@pytest.mark.parametrize("sigint", ["default", "ignored", "other-child"])
 def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, monkeypatch, sigint):
+    import multiprocessing
     import signal
+    import time
 
     import pipeline.write_ffcv as wf
 
@@ -235,12 +239,20 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
     monkeypatch.setattr(wf, "_encode_stored_jpeg", dies)
     monkeypatch.setattr(wf, "WATCHDOG_GRACE_S", 0.5)
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    other = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+    if sigint == "other-child":
+        other.start()
     try:
         with pytest.raises(RuntimeError, match="writer process died"):
             convert(str(good_tree.root), str(tmp_path / "x.beton"), workers=1, progress=False)
         assert signal.getsignal(signal.SIGINT) == handler  # the caller's handler is back
+        if sigint == "other-child":
+            assert other.is_alive()  # the failed write's clean-up leaves the caller's processes alone
     finally:
         signal.signal(signal.SIGINT, saved)
+        if other.pid is not None:
+            other.terminate()
+            other.join(5)
     assert not (tmp_path / "x.beton").exists() and not (tmp_path / "x.manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     if os.path.isdir("/dev/shm"):
