@@ -94,9 +94,11 @@ def _device(choice: str):
 
 def _precision(choice: str, cfg, device) -> str:
     """'auto': the checkpoint's training precision on CUDA, fp32 on the CPU (no autocast speed-up there)."""
+    from runtime.setup import resolve_precision
+
     if choice != "auto":
         return choice
-    return cfg.model.precision if device.type == "cuda" else "fp32"
+    return resolve_precision(cfg.model.precision, device) if device.type == "cuda" else "fp32"
 
 
 def _cache(args, ckpt: str, which: str, precision: str, dtype: str = "float32"):

@@ -23,7 +23,7 @@ from runtime import dist
 from runtime.collapse import CollapseMonitor
 from runtime.config import Config, config_from_dict, config_to_dict
 from runtime.logging import MetricLogger, Throughput, log
-from runtime.setup import autocast_ctx, make_augment, pick_device, seed_everything
+from runtime.setup import autocast_ctx, make_augment, pick_device, resolve_precision, seed_everything
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,6 +44,9 @@ class Trainer:
         self.cfg = cfg
         self.device = pick_device(cfg.train.device)
         dist.init_from_env(self.device.type)
+        asked, cfg.model.precision = cfg.model.precision, resolve_precision(cfg.model.precision, self.device)
+        if asked != cfg.model.precision and dist.is_main():
+            log(f"[setup] model.precision={asked} -> {cfg.model.precision} on {self.device.type}")
         seed_everything(cfg.train.seed + dist.rank())
         self.run_dir = cfg.train.out_dir
         if dist.is_main():
