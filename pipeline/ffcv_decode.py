@@ -20,7 +20,7 @@ that the compiled code reads through a raw pointer at the start of every batch (
 compile time, so a Python attribute would not reach already compiled code).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (pipeline.ffcv_import must precede the ffcv imports)
 
 import ctypes
 from collections.abc import Callable, Sequence
@@ -28,6 +28,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import pipeline.ffcv_import  # noqa: F401  (before ffcv: keeps torch's threads)
 from ffcv import _libffcv
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.pipeline.allocation_query import AllocationQuery

@@ -61,6 +61,7 @@ _JOIN_TIMEOUT_S = 60.0
 
 def check_beton(path: str) -> None:
     """Raise ConfigError unless ``path`` is a readable ``.beton`` with ``image`` (RGBImageField) and ``label``."""
+    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
@@ -105,6 +106,7 @@ def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 def _make_order(seed: int, batch_size: int, rank: int, world_size: int, quasi: bool):
     """An FFCV TraversalOrder (instance, bound to the loader when FFCV calls it) - see the module docstring."""
+    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.traversal_order.base import TraversalOrder
 
     class ShardedOrder(TraversalOrder):
@@ -160,6 +162,7 @@ class FFCVLoader:
 
     def __init__(self, path: str, data_cfg: DataConfig, *, seed: int, rank: int, world_size: int,
                  device: torch.device, flip: bool = True, batches_ahead: int = 3) -> None:
+        import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
@@ -246,6 +249,7 @@ def _next_result(it):
 
     Returns the tuple of pipeline outputs, or None at the end of the epoch.
     """
+    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.loader.epoch_iterator import IS_CUDA
 
     while True:

@@ -45,6 +45,7 @@ class _StoredJPEG:
 
 def _encode_stored_jpeg(destination: np.ndarray, value: _StoredJPEG, malloc: Any) -> None:
     """``RGBImageField.encode`` replacement: store ``value.data`` verbatim with jpg-mode metadata."""
+    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.fields.rgb_image import IMAGE_MODES
 
     destination["mode"] = IMAGE_MODES["jpg"]
@@ -152,6 +153,7 @@ def write_beton(path: str, samples: SpooledSamples, progress: bool = True) -> No
     Raises:
         RuntimeError: an ffcv writer process died before all samples were written.
     """
+    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter

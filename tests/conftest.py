@@ -9,9 +9,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+_TORCH_THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    # every test starts with the session's torch thread count: a library that resizes the pool (ffcv 1.0.2 set it to
+    # 1 at import, which ran the rest of the session single-threaded) cannot slow down the tests after it
     torch.manual_seed(0)
+    torch.set_num_threads(_TORCH_THREADS)
     yield
 
 

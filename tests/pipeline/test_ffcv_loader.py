@@ -298,3 +298,30 @@ def test_resize_kernel_is_opencv_inter_area():
         out = np.zeros((s, s, 3), np.uint8)
         _resize_c(0, img.ctypes.data, 100, 120, 10, 90, 5, 105, out.ctypes.data, s, s)
         assert np.array_equal(out, cv2.resize(img[10:90, 5:105], (s, s), interpolation=cv2.INTER_AREA))
+
+
+THREADS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+torch.set_num_threads(2)
+from pipeline.ffcv_loader import build_ffcv_loader
+from runtime.config import DataConfig, ViewConfig
+cfg = DataConfig(loader="ffcv", train_path={path!r}, batch_size=4, workers=2, views=[ViewConfig("global", 2, 40)])
+loader = build_ffcv_loader(cfg, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+after_build = torch.get_num_threads()
+next(iter(loader.epoch_iter(0)))
+print(after_build, torch.get_num_threads())
+"""
+
+
+def test_torch_keeps_its_threads_through_ffcv(betons):
+    """A fresh process: importing ffcv and building/iterating its loader leave torch's intra-op threads alone (ffcv's
+    compiler set them to 1 at import, and training ran single-threaded)."""
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", THREADS_SCRIPT.format(repo=repo, path=betons["constant"])],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["2", "2"], out.stdout
