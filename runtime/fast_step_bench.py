@@ -4,8 +4,10 @@
 
 Runs the model step only (forward, backward, optimizer, EMA, loss state) on a cached augmented batch for each variant:
 eager fp32 (NCHW), + channels-last, + bf16 autocast, + torch.compile of the backbone. Variants are interleaved over
-``--rounds`` rounds and the median is kept, because this machine is shared and noisy; ratios are to eager fp32.
-Compilation / warm-up time is reported separately and excluded.
+``--rounds`` rounds and the median is kept, because this machine is shared and noisy; ratios are to the first variant
+run (eager fp32 unless ``--variant`` picks others). Compilation / warm-up time is reported separately and excluded.
+``--variant "channels-last fp32" --variant "channels-last bf16"`` under ``ONEDNN_MAX_CPU_ISA=AVX2`` (or AVX512_CORE,
+...) shows what bf16 costs on a CPU without AMX (README, "Precision").
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--variant", action="append", choices=list(VARIANTS), dest="variants",
+                   help="run this variant (repeatable; default: all); ratios are to the first")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    args.variants = args.variants or list(VARIANTS)
     cfg = load_config(args.method, args.config, args.overrides + ["train.tensorboard=false"])
-    trainers = {name: _trainer(cfg, **opts) for name, opts in VARIANTS.items()}
+    trainers = {name: _trainer(cfg, **VARIANTS[name]) for name in args.variants}
     first = next(iter(trainers.values()))
     raw = next(first.loader.epoch_iter(0, 0))
     ctx = StepContext(0, 0, first.steps_per_epoch, first.total_steps)
@@ -67,17 +72,18 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.steps):
                 t.train_step(t._bench_batch, ctx)
             times[name].append((time.perf_counter() - t0) / args.steps)
-    base = statistics.median(times["eager fp32"])
+    base_name = args.variants[0]
+    base = statistics.median(times[base_name])
     b = cfg.data.batch_size
     print(f"\nmodel step only: method={cfg.method} backbone={cfg.model.backbone} batch={b} "
           f"views={'+'.join(f'{v.count}x{v.size}' for v in cfg.data.views)} threads={torch.get_num_threads()}")
-    print(f"{'variant':<34}{'ms/step':>9}{'images/s':>10}{'vs eager fp32':>15}{'warm-up s':>11}")
+    print(f"{'variant':<34}{'ms/step':>9}{'images/s':>10}{'vs ' + base_name:>22}{'warm-up s':>11}")
     result = {}
     for name in trainers:
         med = statistics.median(times[name])
         result[name] = {"ms_per_step": 1e3 * med, "images_per_s": b / med, "speedup": base / med,
                         "warmup_s": warm[name], "all_ms": [1e3 * x for x in times[name]]}
-        print(f"{name:<34}{1e3 * med:>9.1f}{b / med:>10.1f}{base / med:>14.2f}x{warm[name]:>11.1f}")
+        print(f"{name:<34}{1e3 * med:>9.1f}{b / med:>10.1f}{base / med:>21.2f}x{warm[name]:>11.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -40,3 +40,20 @@ BASE = {"loader_img_s": 1000.0, "augment_img_s": 1000.0, "model_img_s": 100.0, "
 ])
 def test_verdict_names_the_bottleneck(change, word):
     assert verdict({**BASE, **change}).startswith(f"bottleneck: {word}")
+
+
+def test_fast_step_bench_runs_the_chosen_variants(tiny_folder, tmp_path, capsys):
+    from runtime import fast_step_bench
+
+    out = tmp_path / "fast.json"
+    rc = fast_step_bench.main(["--method", "dino", "--steps", "1", "--rounds", "2", "--json", str(out),
+                               "--variant", "channels-last fp32", "--variant", "eager fp32", *TINY_OVERRIDES,
+                               f"data.train_path={tiny_folder}/train", f"train.out_dir={tmp_path / 'run'}"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert list(r) == ["channels-last fp32", "eager fp32"]
+    assert r["channels-last fp32"]["speedup"] == pytest.approx(1.0)  # ratios are to the first variant
+    assert len(r["eager fp32"]["all_ms"]) == 2  # one time per round
+    assert r["eager fp32"]["speedup"] == pytest.approx(r["channels-last fp32"]["ms_per_step"]
+                                                       / r["eager fp32"]["ms_per_step"])
+    assert "vs channels-last fp32" in capsys.readouterr().out
