@@ -30,6 +30,8 @@ def test_auto_follows_amx_and_the_onednn_isa_cap(monkeypatch):
 
 
 def test_explicit_choice_is_kept_and_slow_bf16_is_warned(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the AMX answer below must not be capped by the caller
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     said = []
     monkeypatch.setattr(setup, "log", said.append)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
