@@ -31,9 +31,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# bf16-autocast / fp32 time of a ResNet-18 training step (B 64, 64 px, channels-last) on one CPU, by the best ISA
-# oneDNN was allowed (ONEDNN_MAX_CPU_ISA): AMX 0.57, AVX512-BF16 1.07, AVX512 2.11, AVX2 10.8 (README, "Precision").
-# Without AMX, bf16 on the CPU is emulated or merely converted and costs time instead of saving it.
+# Speed of bf16 autocast over fp32 for the DINO demo step (ResNet-18, B 64, channels-last) on one CPU, by the best ISA
+# oneDNN was allowed (ONEDNN_MAX_CPU_ISA; python -m runtime.fast_step_bench --variant ...): AMX 1.50x, AVX512-BF16
+# 1.12x, AVX512 0.48x, AVX2 0.10x (README, "Performance tools"). Only AMX gives a clear gain; without AVX512-BF16,
+# bf16 is emulated and costs 2-10x. At AVX512-BF16's break-even, auto keeps fp32 (exact, reproducible numerics).
 def cpu_bf16_is_fast() -> bool:
     """True when oneDNN may run bf16 matmuls/convolutions on AMX tiles on this CPU (``ONEDNN_MAX_CPU_ISA`` honoured)."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
@@ -50,8 +51,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_bf16_is_fast() else "fp32"
     if precision == "bf16" and device.type == "cpu" and not cpu_bf16_is_fast():
-        log("[setup] WARNING: model.precision=bf16 on a CPU without AMX: bf16 autocast is 1.1x (AVX512-BF16) to "
-            "11x (AVX2) slower than fp32 there; model.precision=auto picks fp32")
+        log("[setup] WARNING: model.precision=bf16 on a CPU without AMX: bf16 autocast measured at most 1.1x faster "
+            "(AVX512-BF16) and up to 10x slower (AVX2) than fp32 there; model.precision=auto picks fp32")
     return precision
 
 
