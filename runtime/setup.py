@@ -40,7 +40,8 @@ def cpu_bf16_is_fast() -> bool:
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     if cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
         return False
-    return bool(torch.cpu._is_amx_tile_supported())
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent means unknown -> no
+    return bool(amx is not None and amx())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
