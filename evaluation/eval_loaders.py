@@ -122,7 +122,6 @@ class BetonSplit(EvalSplit):
         self.classes = _beton_class_names(path, self.labels)
 
     def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption

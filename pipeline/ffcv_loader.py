@@ -106,7 +106,6 @@ def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 def _make_order(seed: int, batch_size: int, rank: int, world_size: int, quasi: bool):
     """An FFCV TraversalOrder (instance, bound to the loader when FFCV calls it) - see the module docstring."""
-    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.traversal_order.base import TraversalOrder
 
     class ShardedOrder(TraversalOrder):
@@ -249,7 +248,6 @@ def _next_result(it):
 
     Returns the tuple of pipeline outputs, or None at the end of the epoch.
     """
-    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.loader.epoch_iterator import IS_CUDA
 
     while True:

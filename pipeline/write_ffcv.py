@@ -45,7 +45,6 @@ class _StoredJPEG:
 
 def _encode_stored_jpeg(destination: np.ndarray, value: _StoredJPEG, malloc: Any) -> None:
     """``RGBImageField.encode`` replacement: store ``value.data`` verbatim with jpg-mode metadata."""
-    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.fields.rgb_image import IMAGE_MODES
 
     destination["mode"] = IMAGE_MODES["jpg"]
