@@ -18,6 +18,8 @@ from __future__ import annotations
 import _thread
 import functools
 import multiprocessing
+import os
+import shutil
 import signal
 import threading
 import time
@@ -86,8 +88,9 @@ def _page_size(max_bytes: int, total_bytes: int) -> int:
 class _ChildWatchdog:
     """Interrupts the main thread if ffcv's writer processes all exit while the writer still waits for samples.
 
-    ``DatasetWriter`` polls a shared counter until every sample is done; if a worker dies (OOM kill, crash) that
-    loop would spin forever. The watchdog turns that into a KeyboardInterrupt, which the caller reports as an error.
+    ``DatasetWriter`` polls a shared counter until every sample is done, then blocks reading each worker's
+    allocation table from a queue; if a worker dies (OOM kill, crash, full disk) either wait would last forever.
+    The watchdog turns that into a KeyboardInterrupt, which the caller reports as an error.
     Only processes started after ``__enter__`` count as the writer's: a child the caller already had (a DataLoader
     worker kept alive by a stored traceback, say) must not keep the watchdog from firing.
     """
@@ -108,7 +111,13 @@ class _ChildWatchdog:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > self.grace_s:
                 self.fired = True
-                _thread.interrupt_main()
+                if self._in_main_thread:
+                    # A real signal, not interrupt_main(): the main thread may be blocked in a system call (ffcv
+                    # waits on a queue for the dead process's allocation table once every sample was counted, as
+                    # when the disk fills up on the final page flush), and only a delivered signal wakes it.
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                else:
+                    _thread.interrupt_main()
                 return
 
     def writer_processes(self) -> list[multiprocessing.Process]:
@@ -122,7 +131,8 @@ class _ChildWatchdog:
         # handler for the duration of the write, from the main thread (the only one allowed to).
         self._foreign = {p.pid for p in multiprocessing.active_children()}
         self._saved_sigint = None
-        if threading.current_thread() is threading.main_thread():
+        self._in_main_thread = threading.current_thread() is threading.main_thread()
+        if self._in_main_thread:
             current = signal.getsignal(signal.SIGINT)
             if not callable(current):
                 self._saved_sigint = current
@@ -162,19 +172,45 @@ def write_beton(path: str, samples: SpooledSamples, progress: bool = True) -> No
     image.encode = _encode_stored_jpeg  # instance attribute: type(image) stays RGBImageField for the file header
     writer = DatasetWriter(path, {"image": image, "label": IntField()},
                            page_size=_page_size(int(samples.sizes.max()), int(samples.sizes.sum())), num_workers=1)
-    watchdog = _ChildWatchdog()
     saved_tqdm = ffcv.writer.tqdm
     ffcv.writer.tqdm = functools.partial(tqdm, desc="ffcv .beton", unit="img", disable=not progress)
     try:
+        run_ffcv_writer(writer, _SpoolDataset(samples), path, chunksize=256)
+    finally:
+        ffcv.writer.tqdm = saved_tqdm
+
+
+def run_ffcv_writer(writer: Any, dataset: Any, path: str, **kwargs: Any) -> None:
+    """``writer.from_indexed_dataset(dataset, **kwargs)`` that cannot hang: if ffcv's writer processes die (OOM
+    kill, a full disk, a crash), it stops them, frees ffcv's shared memory and raises instead of polling forever.
+
+    Args:
+        writer: an ``ffcv.writer.DatasetWriter`` writing to ``path``.
+        dataset: indexable samples for it.
+        path: the file being written (named in the error, with the free space left on its filesystem).
+
+    Raises:
+        RuntimeError: a writer process died before all samples were written.
+    """
+    watchdog = _ChildWatchdog()
+    try:
         with watchdog:
-            writer.from_indexed_dataset(_SpoolDataset(samples), chunksize=256)
+            writer.from_indexed_dataset(dataset, **kwargs)
     except BaseException as e:
         _cleanup_failed_writer(writer, watchdog.writer_processes())
         if isinstance(e, KeyboardInterrupt) and watchdog.fired:
-            raise RuntimeError(f"{path}: an ffcv writer process died before all samples were written") from None
+            raise RuntimeError(f"{path}: an ffcv writer process died before all samples were written "
+                               f"({_free_space(path)}; its traceback, if it raised one, is printed above)") from None
         raise
-    finally:
-        ffcv.writer.tqdm = saved_tqdm
+
+
+def _free_space(path: str) -> str:
+    """'N MiB free on <dir>' for the filesystem holding ``path`` (a full disk is the usual reason a writer dies)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free on {folder}"
+    except OSError:
+        return f"free space on {folder} unknown"
 
 
 def _cleanup_failed_writer(writer: Any, processes: list[multiprocessing.Process]) -> None:

@@ -11,6 +11,23 @@ if ROOT not in sys.path:
 
 _TORCH_THREADS = torch.get_num_threads()
 
+#: Free disk the suite needs where it writes (pytest's temporary folders, the demo dataset under the repo). With
+#: ``tmp_path_retention_policy = "failed"`` a passed test's folder is removed at once; the largest test writes about
+#: 1.1 GiB (checkpoint resume). A disk that fills up mid-run turns into unrelated failures (seen in CI: a truncated
+#: checkpoint copy, then ffcv's stock writer waiting forever), so a short disk stops the run first, with numbers.
+MIN_FREE_GIB = 3.0
+
+
+def pytest_sessionstart(session):
+    import shutil
+    import tempfile
+
+    for folder in {tempfile.gettempdir(), ROOT}:
+        free = shutil.disk_usage(folder).free / 2**30
+        if free < MIN_FREE_GIB:
+            pytest.exit(f"only {free:.1f} GiB free on the filesystem of {folder}; the test suite needs "
+                        f"{MIN_FREE_GIB:.0f} GiB (free some space, or point TMPDIR at a larger disk)", returncode=1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

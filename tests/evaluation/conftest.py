@@ -37,6 +37,8 @@ def write_beton(folder: str, out: str) -> str:
     from ffcv.writer import DatasetWriter
     from torchvision.datasets import ImageFolder
 
+    from pipeline.write_ffcv import run_ffcv_writer
+
     ds = ImageFolder(folder)
 
     class _Arrays:
@@ -49,7 +51,7 @@ def write_beton(folder: str, out: str) -> str:
 
     writer = DatasetWriter(out, {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()},
                            num_workers=1)
-    writer.from_indexed_dataset(_Arrays())
+    run_ffcv_writer(writer, _Arrays(), out)  # ffcv's own loop would poll forever if its process died (a full disk)
     return out
 
 

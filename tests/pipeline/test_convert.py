@@ -259,6 +259,34 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
         assert set(os.listdir("/dev/shm")) - shm_before == set()  # ffcv's metadata block was unlinked
 
 
+def test_full_disk_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    """A disk filling up under ffcv's writer process (seen in CI: the machine's disk is shared) must end the
+    conversion with an error that names the output and the space left, and leave no partial output behind."""
+    import shutil
+
+    import pipeline.write_ffcv as wf
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        rng = np.random.default_rng(0)
+        for i in range(24):  # noise JPEGs of ~150 KB each: ~3.5 MB in all, more than the 2 MiB filesystem holds
+            d = tmp_path / "src" / f"c{i % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(d / f"{i}.jpg", quality=95)
+        monkeypatch.setattr(wf, "WATCHDOG_GRACE_S", 0.5)
+        with pytest.raises((RuntimeError, OSError)) as err:
+            convert(str(tmp_path / "src"), str(small / "x.beton"), workers=1, progress=False)
+        assert str(small) in str(err.value) and ("MiB free" in str(err.value) or "No space" in str(err.value))
+        assert [p.name for p in small.iterdir() if p.suffix == ".beton" or ".beton.tmp" in p.name] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert shutil.disk_usage(tmp_path).free > 0
+
+
 KILL_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
