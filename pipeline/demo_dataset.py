@@ -8,19 +8,20 @@
 * textures (a two-colour pattern filling a random elliptical or rectangular region): ``stripes``,
   ``checkerboard``, ``dots``.
 
-Every image draws, from its own seeded generator: a background colour with a faint smooth colour field, the object
-in a random colour (contrast to the background enforced) near the centre (it may touch the border), at a random scale
-(diameter 52-90% of the side) and rotation, with its own smooth shading; 0-2 random clutter strokes (lines and arcs
-in random colours); Gaussian pixel noise; and sometimes a slight blur. Masks and patterns are drawn at 2x and
-box-filtered down (antialiased edges); files are JPEG at ``jpeg_quality`` (optimized Huffman tables).
+Every image draws, from its own seeded generator: three grey levels at least ``MIN_CONTRAST`` apart (background,
+object, and the second texture level); the object near the centre (it may touch the border), at a random scale
+(diameter 52-90% of the side) and rotation; Gaussian pixel noise; and sometimes a slight blur. Masks and patterns
+are drawn at 2x and box-filtered down (antialiased edges); files are JPEG at ``jpeg_quality`` (optimized Huffman
+tables).
 
-Colour carries no class information, so the task needs shape/texture features - and colour is the shortcut a
-self-supervised method takes first: the demo recipes therefore use full-range hue jitter and grayscale p=0.5 (the
-class is invariant to colour by construction). Generator version 1 had smaller, off-centre objects, more clutter
-and a strong background colour field: crops then shared mostly background and clutter, and no method beat a
-random-init backbone in a CPU-sized schedule; version 2 keeps the object in most crops. Measured on version 2
-(2600 train / 500 val, chance 10%, kNN k=20 at 64 px): random-init ResNet-18 19.6%, INTL after its 6-epoch demo
-schedule 38.8%. Generation takes ~3 ms of CPU per image (~7 s on 2 cores).
+Brightness carries no class information, so the task needs shape/texture features. Nothing but shape, texture,
+grey levels and pose tells two images apart either, and that is deliberate: the EMA-teacher methods (DINO, SCFS,
+ReSSL, ReSA) learn instance discrimination first, and any per-image cue that survives augmentation is learnt in
+place of the class. Version 2 drew colours with a faint smooth colour field on background and object and 0-2 random
+clutter strokes: the object-vs-background colour relation survives hue jitter and the strokes are unique to each
+image, and on it those four methods did not beat a random-init backbone in the CPU demo schedule (README, "Demo
+results", has the measurements; version 1, with small off-centre objects and more clutter, was worse still).
+Generation takes ~3 ms of CPU per image (~7 s on 2 cores).
 
 Determinism: image ``(split, class c, index i)`` is drawn from ``numpy.random.default_rng([seed, split_id, c, i])``,
 so the bytes do not depend on the number of worker processes. Caching: ``manifest.json`` (generator version +
@@ -46,35 +47,27 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from runtime.procs import pid_alive
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CLASSES = ("circle", "ring", "triangle", "square", "star", "cross", "spiral", "stripes", "checkerboard", "dots")
 SPLITS = {"train": 0, "val": 1}
 DEFAULTS = {"n_classes": 10, "train_per_class": 260, "val_per_class": 50, "size": 112, "jpeg_quality": 90, "seed": 0}
 SS = 2  # supersampling factor of masks and patterns (antialiased edges)
 RADIUS = (0.26, 0.45)  # object radius as a fraction of the side (diameter 52-90%)
 CENTRE_JITTER = 0.12  # object centre uniform in [0.5 - j, 0.5 + j] of the side
-BG_FIELD_AMP = 15  # amplitude of the smooth background colour field
-CLUTTER = (0, 2)  # clutter strokes per image (inclusive range)
+MIN_CONTRAST = 70  # minimum difference between the grey levels of one image (0-255)
 
 
 # ------------------------------------------------------------------------------------------------ drawing
 
 
-def _smooth_field(rng: np.random.Generator, n: int, amp: int) -> np.ndarray:
-    """(n, n, 3) float32 smooth random colour field in about [-amp, amp] (bicubic upsampling of a 4x4 grid)."""
-    coarse = rng.integers(128 - amp, 128 + amp + 1, size=(4, 4, 3)).astype(np.uint8)
-    up = Image.fromarray(coarse).resize((n, n), Image.Resampling.BICUBIC)
-    return np.asarray(up, dtype=np.float32) - 128.0
-
-
-def _contrasting_colours(rng: np.random.Generator, k: int) -> list[np.ndarray]:
-    """``k`` random RGB colours, pairwise Euclidean distance >= 90 (so the object is always visible)."""
-    cols: list[np.ndarray] = []
-    while len(cols) < k:
-        c = rng.uniform(0, 255, size=3)
-        if all(np.linalg.norm(c - o) >= 90 for o in cols):
-            cols.append(c)
-    return cols
+def _grey_levels(rng: np.random.Generator, k: int) -> list[float]:
+    """``k`` grey levels in [0, 255], pairwise at least ``MIN_CONTRAST`` apart, in random order (drawn directly:
+    the gaps beyond the minimum split the remaining range at sorted uniform points, so no rejection loop)."""
+    slack = 255.0 - MIN_CONTRAST * (k - 1)
+    if slack < 0:
+        raise ValueError(f"{k} grey levels cannot be {MIN_CONTRAST} apart within 0..255")
+    levels = np.sort(rng.uniform(0, slack, size=k)) + MIN_CONTRAST * np.arange(k)
+    return [float(v) for v in rng.permutation(levels)]
 
 
 def _rotated(points: np.ndarray, angle: float, centre: np.ndarray, scale: float) -> list[tuple[float, float]]:
@@ -153,21 +146,6 @@ def _region_mask(rng: np.random.Generator, n: int, centre: np.ndarray, r: float)
     return mask
 
 
-def _clutter(img: Image.Image, rng: np.random.Generator, n: int) -> None:
-    d = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(CLUTTER[0], CLUTTER[1] + 1))):
-        col = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        width = int(rng.integers(1, 4))
-        if rng.random() < 0.5:
-            p = rng.uniform(0, n, size=4)
-            d.line([(p[0], p[1]), (p[2], p[3])], fill=col, width=width)
-        else:
-            c, rr = rng.uniform(0, n, size=2), rng.uniform(0.1, 0.3) * n
-            start = rng.uniform(0, 360)
-            d.arc([c[0] - rr, c[1] - rr, c[0] + rr, c[1] + rr], start, start + rng.uniform(60, 180), fill=col,
-                  width=width)
-
-
 def _down(mask: Image.Image | np.ndarray, size: int) -> np.ndarray:
     """(size, size, 1) float32 in [0, 1]: a 2x-supersampled 0/255 mask (or 0/1 array) box-filtered to ``size``."""
     if isinstance(mask, np.ndarray):
@@ -182,20 +160,18 @@ def render(class_id: int, rng: np.random.Generator, size: int) -> np.ndarray:
         (size, size, 3) uint8 RGB.
     """
     n = size * SS
-    bg_col, fg_col, fg2_col = _contrasting_colours(rng, 3)
-    bg = bg_col.astype(np.float32) + _smooth_field(rng, size, BG_FIELD_AMP)
-    fg = fg_col.astype(np.float32) + _smooth_field(rng, size, 25)
+    bg, fg, fg2 = _grey_levels(rng, 3)
     r = rng.uniform(*RADIUS) * n
     centre = rng.uniform(0.5 - CENTRE_JITTER, 0.5 + CENTRE_JITTER, size=2) * n
     name = CLASSES[class_id]
     if name in ("stripes", "checkerboard", "dots"):
         pattern = _down(_texture(name, rng, n), size)
-        fg = pattern * fg + (1 - pattern) * (fg2_col.astype(np.float32) + _smooth_field(rng, size, 25))
+        fg = pattern * fg + (1 - pattern) * fg2
         m = _down(_region_mask(rng, n, centre, r * 1.15), size)
     else:
         m = _down(_shape_mask(name, rng, n, centre, r), size)
-    img = Image.fromarray(np.clip(m * fg + (1 - m) * bg, 0, 255).astype(np.uint8))
-    _clutter(img, rng, size)
+    grey = np.repeat(m * fg + (1 - m) * bg, 3, axis=2)
+    img = Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
     noise = rng.standard_normal(size=(size, size, 3), dtype=np.float32) * rng.uniform(2, 8)

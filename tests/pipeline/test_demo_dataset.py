@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.demo_dataset import CLASSES, ensure_demo_dataset, main
@@ -104,3 +105,25 @@ def test_raw_thumbnail_knn_is_near_chance(tmp_path):
     tint = np.array(corners, np.float32)[:, None, :].repeat(64, 1).reshape(10, -1)  # 10 distinct colours
     control = knn_accuracy(0.3 * xtr + 0.7 * tint[ytr], ytr, 0.3 * xva + 0.7 * tint[yva], yva)
     assert control > 0.9, f"control kNN only {control:.2f}"
+
+
+def test_grey_levels_are_apart_and_in_range():
+    from pipeline.demo_dataset import MIN_CONTRAST, _grey_levels
+
+    rng = np.random.default_rng(0)
+    draws = np.array([_grey_levels(rng, 3) for _ in range(2000)])
+    assert draws.min() >= 0 and draws.max() <= 255
+    gaps = np.abs(draws[:, :, None] - draws[:, None, :])[:, [0, 0, 1], [1, 2, 2]]
+    assert gaps.min() >= MIN_CONTRAST - 1e-9
+    assert draws[:, 0].std() > 50  # every role takes the whole range (random order), not a fixed dark-to-light
+    with pytest.raises(ValueError, match="cannot be"):
+        _grey_levels(rng, 5)
+
+
+def test_images_carry_no_colour(tmp_path):
+    """Version 3 is grey: the three channels differ only by the pixel noise (no per-image colour cue)."""
+    root = Path(ensure_demo_dataset(str(tmp_path / "demo"), workers=1, log=lambda m: None, **TINY))
+    for p in sorted((root / "train").rglob("*.jpg")):
+        with Image.open(p) as im:
+            x = np.asarray(im.convert("RGB"), np.float32)
+        assert np.abs(x - x.mean(axis=2, keepdims=True)).mean() < 8, p
