@@ -34,8 +34,7 @@ demo: setup
 	$(PY) train.py --method dino --config configs/exp/dino_demo.yaml train.knn_at_end=false
 	$(PY) eval.py knn --checkpoint runs/dino_demo --train-dir data/demo/train --val-dir data/demo/val \
 	  --random-baseline --report runs/dino_demo
-	@# DINO barely leaves its initial plateau in 240 CPU steps (README, Demo results); INTL shows the same pipeline
-	@# learning the shape classes in about 2 minutes (README, Demo results).
+	@# then INTL: a second loss family (whitening, no teacher) on the same data, about 2 minutes (README, Demo results)
 	$(PY) train.py --method intl --config configs/exp/intl_demo.yaml train.knn_at_end=false
 	$(PY) eval.py knn --checkpoint runs/intl_demo --train-dir data/demo/train --val-dir data/demo/val \
 	  --random-baseline --report runs/intl_demo

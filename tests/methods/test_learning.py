@@ -1,9 +1,11 @@
-"""Every registered method's demo recipe trains on the built-in dataset through the real trainer without non-finite
-values, and its checkpoint evaluates with kNN. The CW-RGP and MV-MR demo recipes must also lift kNN above a random-init
-backbone by a margin measured on this machine (the real learning check). DINO, SCFS, ReSSL and ReSA do not reach a
-clear margin in a CI-sized CPU budget on this data (README, "Demo results", has every method's measured demo kNN).
+"""Every registered method learns the built-in dataset's classes through the real trainer (issue #4's learning check).
+
+One short run of each method's demo recipe (torchvision loader, 40 steps of 64 images per epoch) must stay finite
+and lift weighted kNN (k=20, top-1, the method's evaluated weights) above a random-init backbone of the same
+architecture and init by a margin measured on this machine. README "Demo results" has the full-schedule numbers.
 """
 
+import hashlib
 import os
 
 import pytest
@@ -17,7 +19,24 @@ from runtime.setup import seed_everything
 from runtime.trainer import Trainer
 from tests.conftest import ROOT
 
-STEPS = 12
+#: method -> (epochs, asserted margin in kNN points over random init). Measured with this test's exact settings on
+#: this 2-core AMX CPU (bf16), demo data v3, trained vs random init, kNN@20 top-1 on the JPEG folders:
+#: CW-RGP 2 epochs 66.6 vs 37.0 % (+29.6); DINO 4 epochs 48.8 vs 41.4 % (+7.4; 3 epochs at teacher momentum 0.95:
+#: -2.6); INTL 2 epochs 59.8 vs 41.4 % (+18.4); MV-MR 2 epochs 45.4 vs 37.0 % (+8.4); ReSA 4 epochs 44.2 vs 37.0 %
+#: (+7.2; 3 epochs +4.2); ReSSL 3 epochs 49.6 vs 41.4 % (+8.2); SCFS 4 epochs 50.8 vs 41.4 % (+9.4; 3 epochs +4.6). Runs
+#: repeat exactly on one machine (SCFS 3 epochs gave 46.0 % in two runs); each asserted margin is about half the
+#: measured one. The epochs keep the seven runs at about 12.5 minutes together (the EMA-teacher methods need more).
+LEARNING = {
+    "cw_rgp": (2, 15.0),
+    "dino": (4, 3.5),
+    "intl": (2, 9.0),
+    "mvmr": (2, 4.0),
+    "resa": (4, 3.5),
+    "ressl": (3, 4.0),
+    "scfs": (4, 4.5),
+}
+
+_RANDOM_INIT: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
@@ -25,51 +44,48 @@ def demo_root():
     return ensure_demo_dataset(os.path.join(ROOT, "data", "demo"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_demo_recipe_trains_finite(name, demo_root, tmp_path):
+def demo_config(name: str, demo_root: str, out_dir, epochs: int):
     exp = os.path.join(CONFIG_DIR, "exp", f"{name}_demo.yaml")
     assert os.path.exists(exp), f"every method needs a demo config: {exp}"
-    cfg = load_config(name, [exp], [
-        "data.loader=torchvision", f"data.train_path={demo_root}/train", f"eval.train_dir={demo_root}/val",
-        f"eval.val_dir={demo_root}/val",
-        f"train.out_dir={tmp_path}", "train.epochs=2", f"train.steps_per_epoch={STEPS // 2}", "train.log_every=1",
-        "train.tensorboard=false", "train.ckpt_every=100000", "data.workers=1"])
+    return load_config(name, [exp], [
+        "data.loader=torchvision", f"data.train_path={demo_root}/train", f"eval.train_dir={demo_root}/train",
+        f"eval.val_dir={demo_root}/val", f"train.out_dir={out_dir}", f"train.epochs={epochs}", "train.log_every=1",
+        "train.tensorboard=false", "train.ckpt_every=100000", "train.knn_at_end=false"])
+
+
+def random_init_knn(cfg) -> float:
+    """kNN@20 top-1 of the method's evaluated backbone at initialisation, computed once per distinct init (methods
+    share it unless their init differs, e.g. zero-init residuals)."""
+    seed_everything(cfg.train.seed)
+    backbone = build_method(cfg).backbone_for_eval("auto")
+    h = hashlib.sha1(str(cfg.data.eval_size).encode())
+    for t in backbone.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    key = h.hexdigest()
+    if key not in _RANDOM_INIT:
+        res = knn_of_backbone(backbone, cfg, cfg.eval.train_dir, cfg.eval.val_dir, torch.device("cpu"))
+        _RANDOM_INIT[key] = res["k20"]["top1"]
+    return _RANDOM_INIT[key]
+
+
+def test_every_method_has_a_learning_check():
+    assert set(LEARNING) == set(METHODS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_demo_recipe_learns(name, demo_root, tmp_path):
+    epochs, margin = LEARNING[name]
+    cfg = demo_config(name, demo_root, tmp_path, epochs)
+    rand = random_init_knn(cfg)
     trainer = Trainer(cfg)
     state = trainer.fit()
     losses = torch.tensor([h["loss"] for h in state.history])
-    assert state.step == STEPS and len(losses) == STEPS and torch.isfinite(losses).all(), losses
+    assert state.step == trainer.total_steps == epochs * trainer.steps_per_epoch and trainer.steps_per_epoch >= 40
+    assert len(losses) == state.step and torch.isfinite(losses).all(), losses
     for p in trainer.method.student.parameters():
         assert torch.isfinite(p).all()
-    res = knn_of_backbone(trainer.method.backbone_for_eval("auto"), cfg, cfg.eval.train_dir, cfg.eval.val_dir,
-                          trainer.device)
-    assert 0.0 <= res["k20"]["top1"] <= 100.0
-
-
-#: (method, epochs, asserted margin in points) whose demo recipe learns clearly within a CI budget. Measured with this
-#: test's exact settings (torchvision loader, kNN k=20 top-1, trained vs random init):
-#: CW-RGP 4 epochs 44.6 vs 19.6 % (+25.0, 159 s alone); CW-RGP 2 epochs 24.8 vs 19.6 %;
-#: MV-MR (paper's dCor sign, its demo recipe) 3 epochs 25.8 vs 19.6 % (+6.2; the FFCV demo run, kNN on the .beton
-#: copies, gave 26.0 vs 20.6 % at the same step and rose steadily 22.2 -> 26.4 % over 240 steps);
-#: INTL 3 epochs 30.6 vs 24.0 % (+6.6, not asserted: one learner per loss family keeps the suite under its time
-#: budget). Each asserted margin is about half the measured one.
-LEARNERS = [("cw_rgp", 4, 12.0), ("mvmr", 3, 3.0)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name,epochs,margin", LEARNERS)
-def test_demo_recipe_beats_random_init_on_knn(name, epochs, margin, demo_root, tmp_path):
-    exp = os.path.join(CONFIG_DIR, "exp", f"{name}_demo.yaml")
-    cfg = load_config(name, [exp], [
-        "data.loader=torchvision", f"data.train_path={demo_root}/train", f"eval.train_dir={demo_root}/train",
-        f"eval.val_dir={demo_root}/val", f"train.out_dir={tmp_path}", f"train.epochs={epochs}",
-        "train.tensorboard=false", "train.ckpt_every=100000", "train.knn_at_end=false"])
-    seed_everything(cfg.train.seed)
-    random_init = build_method(cfg).backbone_for_eval("auto")
-    rand = knn_of_backbone(random_init, cfg, cfg.eval.train_dir, cfg.eval.val_dir, torch.device("cpu"))
-    trainer = Trainer(cfg)
-    trainer.fit()
     trained = knn_of_backbone(trainer.method.backbone_for_eval("auto"), cfg, cfg.eval.train_dir, cfg.eval.val_dir,
-                              trainer.device)
-    print(f"{name}: kNN top-1 trained {trained['k20']['top1']:.1f} %, random init {rand['k20']['top1']:.1f} %")
-    assert trained["k20"]["top1"] >= rand["k20"]["top1"] + margin, (trained, rand)
+                              trainer.device)["k20"]["top1"]
+    print(f"{name}: {state.step} steps, kNN@20 top-1 trained {trained:.1f} %, random init {rand:.1f} %")
+    assert trained >= rand + margin, (name, trained, rand, margin)
