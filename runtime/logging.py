@@ -16,21 +16,29 @@ def log(msg: str) -> None:
 
 
 class MetricLogger:
-    """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard (rank 0)."""
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard (rank 0).
 
-    def __init__(self, run_dir: str, tensorboard: bool):
+    The run continues from ``start_step``: rows of a previous run in the same folder logged after that step are
+    dropped (all of them for a fresh run, ``start_step=0``; those after the checkpoint for a resumed one), so the
+    file and TensorBoard show one run's history without duplicated or foreign steps.
+    """
+
+    def __init__(self, run_dir: str, tensorboard: bool, start_step: int = 0):
         self.enabled = dist.is_main()
         self.tb = None
         self.file = None
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        _truncate_after(path, start_step)
+        self.file = open(path, "a")  # noqa: SIM115 - open for the whole run, closed by close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+                # purge_step hides earlier event files' steps >= start_step from TensorBoard
+                self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step)
             except ImportError:  # tensorboard is optional at run time
                 self.tb = None
 
@@ -48,6 +56,26 @@ class MetricLogger:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep only the rows of JSONL ``path`` with ``row['step'] <= step`` (atomic rewrite; unreadable tail lines of a
+    killed writer are dropped too)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 class Throughput:

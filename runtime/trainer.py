@@ -71,8 +71,8 @@ class Trainer:
         fp16 = cfg.model.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.state = TrainState()
-        self.metrics = MetricLogger(self.run_dir, cfg.train.tensorboard)
         self._maybe_resume()
+        self.metrics = MetricLogger(self.run_dir, cfg.train.tensorboard, start_step=self.state.step)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:

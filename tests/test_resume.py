@@ -72,6 +72,18 @@ def test_auto_resume_skips_corrupt_newest(tiny_folder, tmp_path, capsys):
     t = Trainer(_cfg(tiny_folder, run_dir, "train.resume=auto"))
     assert t.state.step == 2
     assert "skipping" in capsys.readouterr().out
+    assert _logged_steps(run_dir) == [1, 2]  # step 3 of the first run is re-done, not logged twice
+    t.fit()
+    assert _logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # the resumed run goes on to its 2 epochs
+    Trainer(_cfg(tiny_folder, run_dir, "train.epochs=1"))  # a fresh run in the same folder starts a fresh log
+    assert _logged_steps(run_dir) == []
+
+
+def _logged_steps(run_dir):
+    import json
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
