@@ -21,6 +21,8 @@ place of the class. Version 2 drew colours with a faint smooth colour field on b
 clutter strokes: the object-vs-background colour relation survives hue jitter and the strokes are unique to each
 image, and on it those four methods did not beat a random-init backbone in the CPU demo schedule (README, "Demo
 results", has the measurements; version 1, with small off-centre objects and more clutter, was worse still).
+Measured on version 3 (2600 train / 500 val, chance 10%, kNN k=20 at 64 px): random-init ResNet-18 37.0-41.4%
+(with / without zero-init residuals), the seven methods' 6-epoch demo recipes 47.6-83.2% (README, Demo results).
 Generation takes ~3 ms of CPU per image (~7 s on 2 cores).
 
 Determinism: image ``(split, class c, index i)`` is drawn from ``numpy.random.default_rng([seed, split_id, c, i])``,
