@@ -262,8 +262,6 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
 def test_full_disk_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
     """A disk filling up under ffcv's writer process (seen in CI: the machine's disk is shared) must end the
     conversion with an error that names the output and the space left, and leave no partial output behind."""
-    import shutil
-
     import pipeline.write_ffcv as wf
 
     small = tmp_path / "small"
@@ -284,7 +282,6 @@ def test_full_disk_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
         assert [p.name for p in small.iterdir() if p.suffix == ".beton" or ".beton.tmp" in p.name] == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
-    assert shutil.disk_usage(tmp_path).free > 0
 
 
 KILL_SCRIPT = """
