@@ -3,7 +3,7 @@
 Merge order (fixed): dataclass defaults <- the protocol preset (``protocol=auto`` picks the one of the checkpoint's
 method) <- each ``--config`` YAML <- CLI ``key=value`` overrides (e.g. ``lr=0.1 epochs=10 fast.copies=2``).
 
-The presets transcribe the official linear-evaluation recipes (see /work/shared/specs/*.md, section "Evaluation"):
+The presets transcribe the official linear-evaluation recipes (``docs/methods/<m>.md``, section "Evaluation"):
 
 =========  =====================================================================================================
 ressl      ReSSL ``linear_eval.py``: SGD lr 0.3 (batch 256), momentum 0.9, wd 0, 100 epochs, per-step cosine to 0
