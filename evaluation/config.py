@@ -14,9 +14,8 @@ cw_rgp     CW-RGP ``lincls.py``: LARS lr 0.1 per 256 (0.4 at batch 1024), cosine
 mvmr       MV-MR ``--retrain``: Adam lr 1e-3, cosine to 0, 100 epochs (its README may report the online probe)
 =========  =====================================================================================================
 
-Every preset shares: frozen backbone in eval mode, linear layer initialised N(0, 0.01) with zero bias on the pooled
-features, train crops RandomResizedCrop(size, scale 0.08-1) + horizontal flip, validation Resize(size*256/224) +
-CenterCrop(size); the reported number is the best top-1 over the evaluated epochs (and the last one).
+Shared by all: frozen backbone in eval mode, linear layer N(0, 0.01) with zero bias on the pooled features, train
+crops RandomResizedCrop(size, 0.08-1) + flip, val Resize(size*256/224) + CenterCrop(size); best and last top-1.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor, x_clamp: float = 1e-4
                          ) -> torch.Tensor:
     """Biased (V-statistic) distance correlation, not squared: ``sqrt(<A,B> / sqrt(<A,A> <B,B>))``.
 
-    Pure and self-contained (``losses/kernels/dcor_compiled.py`` fuses exactly this function). Computed in fp32 unless the
-    inputs are float64; the caller disables autocast.
+    Pure and self-contained (``losses/kernels/dcor_compiled.py`` fuses exactly this function). Computed in fp32
+    unless the inputs are float64; the caller disables autocast.
 
     Args:
         x: (N, P) samples of the first variable (rows paired with ``y``).
