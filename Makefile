@@ -34,7 +34,7 @@ demo: setup
 	$(PY) train.py --method dino --config configs/exp/dino_demo.yaml train.knn_at_end=false
 	$(PY) eval.py knn --checkpoint runs/dino_demo --train-dir data/demo/train --val-dir data/demo/val \
 	  --random-baseline --report runs/dino_demo
-	@# then INTL: a second loss family (whitening, no teacher) on the same data, about 2 minutes (README, Demo results)
+	@# then INTL: a second loss family (whitening, no teacher) on the same data, about 2 minutes (docs/results.md)
 	$(PY) train.py --method intl --config configs/exp/intl_demo.yaml train.knn_at_end=false
 	$(PY) eval.py knn --checkpoint runs/intl_demo --train-dir data/demo/train --val-dir data/demo/val \
 	  --random-baseline --report runs/intl_demo

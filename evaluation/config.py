@@ -3,7 +3,7 @@
 Merge order (fixed): dataclass defaults <- the protocol preset (``protocol=auto`` picks the one of the checkpoint's
 method) <- each ``--config`` YAML <- CLI ``key=value`` overrides (e.g. ``lr=0.1 epochs=10 fast.copies=2``).
 
-The presets transcribe the official linear-evaluation recipes (see /work/shared/specs/*.md, section "Evaluation"):
+The presets transcribe the official linear-evaluation recipes (``docs/methods/<m>.md``, section "Evaluation"):
 
 =========  =====================================================================================================
 ressl      ReSSL ``linear_eval.py``: SGD lr 0.3 (batch 256), momentum 0.9, wd 0, 100 epochs, per-step cosine to 0
@@ -14,9 +14,8 @@ cw_rgp     CW-RGP ``lincls.py``: LARS lr 0.1 per 256 (0.4 at batch 1024), cosine
 mvmr       MV-MR ``--retrain``: Adam lr 1e-3, cosine to 0, 100 epochs (its README may report the online probe)
 =========  =====================================================================================================
 
-Every preset shares: frozen backbone in eval mode, linear layer initialised N(0, 0.01) with zero bias on the pooled
-features, train crops RandomResizedCrop(size, scale 0.08-1) + horizontal flip, validation Resize(size*256/224) +
-CenterCrop(size); the reported number is the best top-1 over the evaluated epochs (and the last one).
+Shared by all: frozen backbone in eval mode, linear layer N(0, 0.01) with zero bias on the pooled features, train
+crops RandomResizedCrop(size, 0.08-1) + flip, val Resize(size*256/224) + CenterCrop(size); best and last top-1.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CW-RGP loss: channel whitening with random group partition (Weng et al., NeurIPS 2022).
 
-Reference: winci-ai/CW-RGP @ 5bbf6ed ``ImageNet/methods/{cwrgp,whitening,losses}.py``; spec
-``shared/specs/cw_rgp.md`` §3.
+Reference: winci-ai/CW-RGP @ 5bbf6ed ``ImageNet/methods/{cwrgp,whitening,losses}.py``;
+method notes ``docs/methods/cw_rgp.md`` ("Whitening", "Loss").
 
 Letters: V views, B per-rank batch, n = ``w_size`` samples per sub-batch, S = B / n sub-batches, I = ``w_iter``
 repetitions, D embedding width, G channel groups, d = D / G.

@@ -1,6 +1,6 @@
 """DINO loss: multi-crop soft cross-entropy against a centred, sharpened teacher (Caron et al. 2021).
 
-Reference: facebookresearch/dino @ 7c446df ``main_dino.py::DINOLoss``; spec ``shared/specs/scfs.md`` §2.4(a).
+Reference: facebookresearch/dino @ 7c446df ``main_dino.py::DINOLoss``; method notes ``docs/methods/dino.md`` ("Loss").
 
 Letters: T teacher (global) crops, S student crops (globals first, S >= T), B per-rank batch, K prototypes.
 """

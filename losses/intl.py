@@ -1,6 +1,6 @@
 """INTL loss: IterNorm-whitened views, normalised MSE between them, plus the trace loss (Weng et al., ICLR 2024).
 
-Reference: winci-ai/INTL @ 0aa69af ``methods/{intl,intl_m,base,whitening}.py``; spec ``shared/specs/intl.md`` §2.
+Reference: winci-ai/INTL @ 0aa69af ``methods/{intl,intl_m,base,whitening}.py``; notes ``docs/methods/intl.md``.
 
 Letters: V views, B per-rank batch, N = gathered (global) batch, D embedding width.
 

@@ -3,7 +3,7 @@
 Kinakh, Drozdova, Voloshynovskiy, "MV-MR: multi-views and multi-representations for self-supervised learning and
 knowledge distillation" (arXiv 2303.12130, Entropy 2024). Reference code: vkinakh/mv-mr @ 7136f70
 (``src/model/self_supervised_module.py::step``, ``src/loss/distance_correlation.py``);
-spec ``shared/specs/mvmr.md`` §3.4.
+method notes ``docs/methods/mvmr.md`` ("Loss").
 
 Letters: B per-rank batch, D embedding width, F width of a flattened target representation.
 
@@ -55,8 +55,8 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor, x_clamp: float = 1e-4
                          ) -> torch.Tensor:
     """Biased (V-statistic) distance correlation, not squared: ``sqrt(<A,B> / sqrt(<A,A> <B,B>))``.
 
-    Pure and self-contained (the fused kernel of issue 6 replaces exactly this function). Computed in fp32 unless the
-    inputs are float64; the caller disables autocast.
+    Pure and self-contained (``losses/kernels/dcor_compiled.py`` fuses exactly this function). Computed in fp32
+    unless the inputs are float64; the caller disables autocast.
 
     Args:
         x: (N, P) samples of the first variable (rows paired with ``y``).

@@ -2,7 +2,7 @@
 a temperature softmax over cross-view embedding similarities.
 
 Weng et al., "Clustering Properties of Self-Supervised Learning", ICML 2025 (arXiv 2501.18452).
-Reference: winci-ai/resa @ e7869d1 (``method/resa.py``, ``method/base.py``); spec ``shared/specs/resa.md`` §1.2-1.3.
+Reference: winci-ai/resa @ e7869d1 (``method/resa.py``, ``method/base.py``); notes ``docs/methods/resa.md`` ("Loss").
 
 Letters: V online views, M momentum views (2: the weak view 0 and the first strong view 1), B_l per-rank batch,
 B = B_l * world_size global batch, D embedding width, E encoder width. ``n(x)`` is row-wise L2 normalisation::

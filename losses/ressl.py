@@ -1,8 +1,8 @@
 """ReSSL loss: the student's relation to a memory queue must match the teacher's (sharper) relation.
 
 Zheng et al., "ReSSL: Relational Self-Supervised Learning with Weak Augmentation", NeurIPS 2021.
-Reference: KyleZheng1997/ReSSL @ 4d67daa (``ressl.py`` loss line, ``network/ressl.py`` queue); spec
-``shared/specs/ressl.md`` §1.3.
+Reference: KyleZheng1997/ReSSL @ 4d67daa (``ressl.py`` loss line, ``network/ressl.py`` queue);
+method notes ``docs/methods/ressl.md`` ("Loss").
 
 For a student embedding ``q_n`` and the teacher embedding ``k_n`` of the weak view of the same image (both unit)::
 

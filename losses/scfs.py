@@ -1,7 +1,7 @@
 """SCFS shallow losses (Song et al., ICCV 2023): DINO-style self-distillation on intermediate ResNet stages.
 
 Reference: skyoux/scfs @ 7bb7c37 ``models/scfs.py::DINOShallowLoss`` and ``main_scfs.py`` (loss sum);
-spec ``shared/specs/scfs.md`` §2.4(b)-(c). The final-head term is :class:`losses.dino.DINOLoss`.
+method notes ``docs/methods/scfs.md`` ("Losses"). The final-head term is :class:`losses.dino.DINOLoss`.
 
 Per stage k, with ``u`` the unit-vector shallow-head outputs and a per-stage center ``c_k``::
 

@@ -1,7 +1,7 @@
 """CW-RGP (Weng et al., NeurIPS 2022, "An Investigation into Whitening Loss for Self-supervised Learning").
 
 Reference: winci-ai/CW-RGP @ 5bbf6ed (``ImageNet/methods/cwrgp.py``, ``ImageNet/model.py``, ``ImageNet/train.py``);
-spec ``shared/specs/cw_rgp.md`` §3.
+method notes ``docs/methods/cw_rgp.md``.
 
 A symmetric network with a shared encoder, no predictor and no momentum network. As upstream, the backbone runs on
 each view separately (per-view BN statistics; ``ssl.bn_per_view``) and the head runs once on all views

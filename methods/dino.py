@@ -1,6 +1,6 @@
 """DINO (Caron et al. 2021): self-distillation with a centred, sharpened EMA teacher over multi-crop views.
 
-Reference: facebookresearch/dino @ 7c446df; spec ``shared/specs/scfs.md`` §2 (the DINO part SCFS builds on).
+Reference: facebookresearch/dino @ 7c446df; method notes ``docs/methods/dino.md``.
 Student sees every crop; the teacher (EMA, BN in batch-statistics mode) sees the global crops only.
 """
 

@@ -1,7 +1,7 @@
 """INTL (Weng et al., ICLR 2024, "Modulate Your Spectrum in Self-Supervised Learning"): IterNorm + trace loss.
 
 Reference: winci-ai/INTL @ 0aa69af (``methods/intl.py``, ``methods/intl_m.py``, ``src/model.py``, ``main.py``);
-spec ``shared/specs/intl.md`` §2.
+method notes ``docs/methods/intl.md``.
 
 Two variants behind ``ssl.ema``:
 

@@ -2,7 +2,7 @@
 hand-crafted representations of the un-augmented view -- or, in the distillation variant, with a frozen teacher.
 
 Reference: vkinakh/mv-mr @ 7136f70 (``src/model/self_supervised_module.py``,
-``src/model/clip_self_supervised_module.py``, ``src/model/resnet.py``); spec ``shared/specs/mvmr.md`` §3.
+``src/model/clip_self_supervised_module.py``, ``src/model/resnet.py``); notes ``docs/methods/mvmr.md``.
 
 Views (``data.views``, two globals, no locals): view ``ssl.original_view`` (default 0) is the *original* image --
 a RandomResizedCrop with scale (1, 1) and ratio (1, 1) and no other op, i.e. the whole (square) image resized to the

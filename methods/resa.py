@@ -1,7 +1,7 @@
 """ReSA (Weng et al., ICML 2025): representation self-assignment. A Sinkhorn assignment computed from the encoder
 outputs of the weak view is the target of a softmax over cross-view embedding similarities (online vs momentum).
 
-Reference: winci-ai/resa @ e7869d1 (HEAD loss); spec ``shared/specs/resa.md`` §1.
+Reference: winci-ai/resa @ e7869d1 (HEAD loss); method notes ``docs/methods/resa.md``.
 
 View order (``data.views``, globals first): **view 0 is the weak view** (crop + flip only; it alone defines the
 assignment), view 1 the strong 224 view, further views (multi-crop) are extra online views. The momentum network

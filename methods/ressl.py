@@ -1,7 +1,7 @@
 """ReSSL (Zheng et al., NeurIPS 2021): the student's relation of a strongly augmented crop to a queue of teacher keys
 must match the teacher's sharper relation of a weakly augmented (crop + flip) view of the same image.
 
-Reference: KyleZheng1997/ReSSL @ 4d67daa; spec ``shared/specs/ressl.md`` §1. Covers the 1-crop (``ressl.py``) and
+Reference: KyleZheng1997/ReSSL @ 4d67daa; notes ``docs/methods/ressl.md``. Covers the 1-crop (``ressl.py``) and
 5-crop (``ressl_multi.py``) variants: every view after view 0 is a student crop.
 
 View order (``data.views``, globals first): **view 0 is the teacher's weak view** (crop + flip only), views 1.. are

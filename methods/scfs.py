@@ -1,6 +1,6 @@
 """SCFS (Song et al., ICCV 2023): DINO plus self-distillation of ResNet stages 2-4 against searched teacher features.
 
-Reference: skyoux/scfs @ 7bb7c37 (``main_scfs.py``, ``models/scfs.py``); spec ``shared/specs/scfs.md`` §2.
+Reference: skyoux/scfs @ 7bb7c37 (``main_scfs.py``, ``models/scfs.py``); notes ``docs/methods/scfs.md``.
 Per step:
 
 - student on the global crops (one call) and on the local crops (a second call; BN statistics per call, as the

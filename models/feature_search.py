@@ -1,6 +1,7 @@
 """[4] SCFS feature search: teacher global-crop maps re-weighted by their cosine to a student local-crop query.
 
-Reference: skyoux/scfs @ 7bb7c37 ``models/scfs.py::TeacherWrapper.forward``; spec ``shared/specs/scfs.md`` §2.3.
+Reference: skyoux/scfs @ 7bb7c37 ``models/scfs.py::TeacherWrapper.forward``; notes ``docs/methods/scfs.md``
+("Feature search").
 
 For stage k, local crop i and image b::
 

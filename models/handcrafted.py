@@ -1,7 +1,7 @@
 """MV-MR's hand-crafted representations of the non-augmented view, batched on the input's device.
 
 Reference: vkinakh/mv-mr @ 7136f70 ``src/model/self_supervised_module.py::_step_dc`` (+ ``src/model/hog.py``,
-``src/utils/utils.py::std_filter_torch``); spec ``shared/specs/mvmr.md`` §3.4. All five take the *normalised* image
+``src/utils/utils.py::std_filter_torch``); notes ``docs/methods/mvmr.md`` ("Loss"). All five take the *normalised* image
 batch ``x_o`` (B, 3, H, W) and return a float32 tensor with leading dimension B, without gradient:
 
 ==================== ========================================================== ==================== ==============

@@ -1,8 +1,8 @@
 """[3]-[4] SCFS networks: ResNet stage maps from one backbone pass, the DINO head and the shallow heads.
 
 Reference: skyoux/scfs @ 7bb7c37 ``models/scfs.py`` (``DINOShallowHead``, the student/teacher wrappers);
-spec ``shared/specs/scfs.md`` §2.2. Stage maps come from timm's ``forward_intermediates`` (one backbone pass returns
-the requested stage outputs and the final map, which is pooled exactly as ``backbone(x)`` pools it), so the
+notes ``docs/methods/scfs.md`` ("Networks"). Stage maps come from timm's ``forward_intermediates`` (one backbone pass
+returns the requested stage outputs and the final map, which is pooled exactly as ``backbone(x)`` pools it), so the
 ``backbone`` attribute stays a plain timm model whose ``forward`` gives the pooled features used for evaluation.
 """
 

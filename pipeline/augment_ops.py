@@ -1,23 +1,18 @@
 """Batched image augmentation ops with per-sample parameters (stage [2] of the pipeline).
 
-Every op works on a whole batch at once on whatever device the batch lives on. Conventions shared by all ops:
+Every op works on a whole batch on the batch's device. Images are float32 ``(N, 3, H, W)`` RGB in ``[0, 1]`` unless
+stated otherwise (uint8 only in :func:`hflip` and :func:`to_float01`); per-sample parameters are 1-D tensors of
+length N on that device (bool masks, float32 factors); ops keep shape, device and dtype and never modify inputs.
 
-* images are float32 ``(N, 3, H, W)`` RGB in ``[0, 1]`` unless stated otherwise (uint8 only in :func:`hflip` and
-  :func:`to_float01`);
-* per-sample parameters are 1-D tensors of length N on the images' device (masks are bool, factors float32);
-* ops never change shape, device or dtype, and return new tensors (inputs are not modified).
+Semantics follow torchvision's float-tensor functional ops: every colour op clamps to ``[0, 1]``, grayscale uses
+ITU-R 601 luma (0.2989, 0.587, 0.114), contrast blends with the image's mean luma at that point, hue is an HSV
+rotation. The random-order ColorJitter has three formulations:
 
-Semantics follow torchvision's *float tensor* functional ops (``torchvision.transforms.functional``): every colour
-op clamps to ``[0, 1]``, grayscale uses ITU-R 601 luma weights (0.2989, 0.587, 0.114), contrast blends with the mean
-luma of the image at that point, hue is an HSV rotation.
-
-Three formulations of the random-order ColorJitter:
-
-* :func:`color_jitter_exact` - eager reference: samples regrouped per op position, each op run once per pixel.
-* :func:`color_jitter_pointwise` - the same result as a per-pixel function on R, G, B planes (plus one reduction for
-  contrast), for ``torch.compile`` to fuse into two loops.
+* :func:`color_jitter_exact` - eager reference: samples regrouped per op position, each op run once per pixel;
+* :func:`color_jitter_pointwise` - the same result as a per-pixel function of the R, G, B planes (plus one reduction
+  for contrast), for ``torch.compile`` to fuse;
 * :func:`jitter_matrices` + :func:`apply_color_matrix_u8` - the fast approximation: one per-sample affine colour map
-  (hue as a rotation about the grey axis, clamping only at the end); see :func:`jitter_matrices` for the deviation.
+  (hue as a rotation about the grey axis, clamping only at the end); :func:`jitter_matrices` gives the deviation.
 """
 
 from __future__ import annotations
@@ -94,7 +89,7 @@ def _hue_sextant(r: torch.Tensor, g: torch.Tensor, b: torch.Tensor, maxc: torch.
     """HSV hue in sextants (``6 h``, in [-1, 5)) from planes (N, H, W); 0 for grey pixels.
 
     Ties between channels equal to the max resolve red, then green, then blue (PIL/torchvision order). The branch is
-    selected with exact 0/1 lerps instead of ``torch.where`` (3x slower on CPU); one division at the end.
+    selected with exact 0/1 lerps instead of ``torch.where`` (much slower on CPU); one division at the end.
     """
     not_r_num = torch.lerp(4.0 * chroma + r - g, 2.0 * chroma + b - r, (maxc == g).to(r.dtype))
     num = torch.lerp(not_r_num, g - b, (maxc == r).to(r.dtype))
@@ -244,7 +239,7 @@ def color_jitter_pointwise(x: torch.Tensor, order: torch.Tensor, factors: torch.
     sample's parameters - except contrast's mean luma, which depends on the image just before the contrast op. Two
     passes: (1) run each sample's sequence up to its contrast op and reduce the mean luma, (2) run the full sequence.
     Written on separate R, G, B planes so that every intermediate has the same indexing and inductor fuses each
-    pass into one loop (an NCHW formulation made it materialise intermediates: 5x slower). Eagerly this is several
+    pass into one loop (an NCHW formulation made it materialise intermediates). Eagerly this is several
     times slower than the regrouping version - use it compiled only.
 
     Args:
@@ -398,7 +393,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tens
     All samples go through one grouped (depthwise) conv per direction: the batch is folded into channels
     (1, N*3, H, W) and each channel gets its sample's 1-D kernel. The image is replicate-padded once on all sides
     (blurring replicated rows equals replicating blurred rows, so this is exact) and convolved channels-last
-    (1.4x faster than NCHW for this depthwise shape with oneDNN on CPU).
+    (faster than NCHW for this depthwise shape with oneDNN on CPU; docs/performance.md).
 
     Args:
         x: (N, 3, H, W) float32.

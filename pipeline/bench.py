@@ -1,43 +1,21 @@
 """Loader benchmark: ``python -m pipeline.bench`` - torchvision baseline vs FFCV vs DALI on the same data.
 
-What it measures, in one process, for two recipes:
+Two recipes, measured side by side in one process: ``crop`` (decode + multi-crop + flip; the loaders deliver uint8
+crops) and ``full`` (the DINO recipe: 2 x 224 + N x 96 with colour jitter, grayscale, blur, solarize, normalise). The
+baseline is the official repos' way (ImageFolder + PIL ops per image in DataLoader workers); FFCV and DALI deliver
+crops and ``DeviceAugment`` does the colour ops batched on the device; ``torchvision+devaug`` is the torchvision
+loader with the same device augmentation.
 
-* ``crop``: decode + multi-crop (+ flip) only; the loaders deliver uint8 crops. Baseline = torchvision ImageFolder +
-  PIL decode/crop/flip in DataLoader workers.
-* ``full``: the DINO recipe (2 x 224 + N x 96, colour jitter, grayscale, blur, solarize, normalise). Baseline = the
-  official repos' way, every op in PIL per image in DataLoader workers. FFCV and DALI deliver crops and
-  ``DeviceAugment`` does the colour ops batched on the device (the CPU here). An extra ``torchvision+devaug`` row
-  shows the torchvision loader with the same device-side augmentation.
+Columns: images/s (one image = all its crops; median of the timed epochs), ratios to the baseline and to two JPEG
+decode ceilings (full-image libjpeg-turbo decoding, one process per core, of the original and of the stored JPEGs),
+time to the first batch, CPU ms per image (independent of other load, unlike img/s) and peak PSS with workers.
 
-Columns: images/s (one image = all its crops; median over timed epochs after ``--warmup-epochs``), ratio to the
-baseline of the same recipe, ratio to the JPEG decode ceiling, time to the first batch (includes JIT compilation),
-and the peak memory (PSS of the process and its worker processes while that loader ran; PSS counts shared pages
-once). Decode ceilings: plain full-image decoding with libjpeg-turbo (OpenCV or Pillow, whichever is faster) in one
-process per core, no crop/resize/batching - of the original JPEGs (``x ceiling``: the reference of the research
-notes and of the README target) and of the stored pre-resized JPEGs the fast loaders actually decode
-(``x stored``). ``CPU ms/img`` (process + workers, all threads) and ``x ceil CPU`` (stored-JPEG decode CPU time per
-image / the row's) do not depend on other load on the machine; img/s does.
+Data: ``D/train`` holds the original JPEGs, ``D/ffcv/train.beton`` and ``D/dali/train/`` come from ``pipeline.convert``
+(``--generate N`` first creates N ImageNet-like JPEGs). Unless ``--no-malloc-env`` it re-executes itself with glibc
+malloc thresholds, ``THP_MEM_ALLOC_ENABLE=1`` and ``OMP_WAIT_POLICY=PASSIVE``, and every row runs with
+``--torch-threads``; why, and the measured tables: ``docs/performance.md``::
 
-Data (``--data-dir D``): ``D/train`` is an ImageFolder of the original JPEGs (what the baseline reads, as the
-official repos do), ``D/ffcv/train.beton`` and ``D/dali/train/`` are written by ``pipeline.convert`` (pre-resized,
-``--max-side``). ``--generate N`` first creates N ImageNet-like JPEGs (~430 px, quality 90, textured) in ``D/train``
-and converts them (both steps are skipped when already done).
-
-Allocator: glibc's defaults make large batched tensor ops on the CPU page-fault heavily; unless
-``--no-malloc-env``, the benchmark re-executes itself with ``MALLOC_MMAP_THRESHOLD_=33554432`` and
-``MALLOC_TRIM_THRESHOLD_=4294967296`` (measured: system time 3.5 s -> 0.6 s and steadier epochs for the colour
-ops; see /work/shared/research/cpu_loader_measurements.md) and ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator
-backs large tensors with transparent huge pages: the augmented fp32 views are > 32 MiB, always freshly mmap'd, and
-page-faulting them 4 KiB at a time cost ~40% of DeviceAugment's time). Workers inherit the environment.
-
-Threads: importing FFCV sets torch's intra-op thread count to 1; every row runs with ``--torch-threads`` (default:
-all cores) so that DeviceAugment uses the machine's cores, while FFCV/DALI decode the next batches in their own
-threads; ``OMP_WAIT_POLICY=PASSIVE`` (also set by the re-execution) keeps idle OpenMP threads from spinning on the
-cores the decoders need.
-
-Example (the README targets: full DINO recipe via FFCV >= 5x the baseline; decode+crop >= 50% of the ceiling)::
-
-    python -m pipeline.bench --data-dir data/bench --generate 2000 --batch-size 64 --workers 2 --epochs 3 \\
+    python -m pipeline.bench --data-dir data/bench --generate 2000 --batch-size 64 --workers 2 --epochs 3 \
         --json runs/bench.json
 """
 
@@ -327,7 +305,7 @@ def add_ratios(rows: list[dict], ceilings: dict) -> None:
 
 
 def targets(rows: list[dict]) -> dict:
-    """The README targets, where the rows needed to check them exist."""
+    """The loader targets (docs/performance.md), where the rows needed to check them exist."""
     get = {(r["loader"], r["recipe"]): r for r in rows}
     out = {}
     if ("ffcv", "full") in get and get[("ffcv", "full")]["vs_baseline"] is not None:

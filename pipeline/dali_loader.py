@@ -1,39 +1,21 @@
 """[1] DALI multi-crop loader: webdataset shards -> decode once per image -> one RandomResizedCrop branch per view.
 
-Loader interface (shared by the torchvision, FFCV and DALI loaders)::
-
-    loader = build_dali_loader(data_cfg, seed=seed, rank=rank, world_size=world_size, device=device)
-    len(loader)                        # batches per epoch for this rank (drop_last: only full batches)
-    for batch in loader.epoch_iter(epoch, start=0):
-        batch.views                    # V uint8 (B, 3, S_v, S_v), globals first, order of data_cfg.expanded_views()
-        batch.labels, batch.indices    # (B,) int64
-        batch.n_global                 # colour ops are NOT applied here: DeviceAugment does them on the device
-
-The graph, built by :func:`multicrop_graph` for both devices (``device="gpu"``: nvJPEG ``mixed`` decode and GPU
-crops; ``device="cpu"``: the same operators on the CPU, ``device_id=None``; the CPU tests cover the GPU graph's
-code)::
+Same interface as :mod:`pipeline.ffcv_loader` (``epoch_iter(epoch, start)`` yields :class:`Batch` with V uint8
+(B, 3, S_v, S_v) views). :func:`multicrop_graph` builds one graph for both devices (``"gpu"``: nvJPEG ``mixed``
+decode and GPU crops; ``"cpu"``: the same operators, so the CPU tests cover the GPU graph's code)::
 
     external_source -> jpeg bytes, index --+
     decoders.image (once per image) -------+-> random_resized_crop(view 0) -> flip(coin_flip(p_0)) -> output 0
                                            +-> ...                                              -> output V-1
 
-Choices:
-
-* Input: the webdataset shards written by ``convert_dataset.py --format dali`` (``shard-*.tar`` + ``shard-*.idx``,
-  ``samples.tsv`` for labels). The JPEG bytes are handed to DALI by an ``external_source`` that slices memory-mapped
-  tars at the offsets of the index files, in the order of :func:`pipeline.ffcv_loader.shard_indices` (the same
-  (seed, epoch) permutation and rank split as the FFCV and torchvision loaders). ``fn.readers.webdataset`` reads
-  the same shards, but its shuffling is a streaming buffer whose epoch order depends on the reader's history and its
-  shard sizes differ by one sample across ranks; the interface needs an order that depends only on (seed, epoch),
-  equal batch counts on every rank and restart at batch ``start``.
-* Decode once, crop V times: measured on 2 CPU cores, 8 x ``random_resized_crop`` of one decoded image runs ~2x
-  faster than 8 x ``decoders.image_random_crop`` (ROI decode per view); JPEG time is entropy decoding, not pixels.
-* Resize: ``data_cfg.interpolation`` (bicubic/bilinear) with DALI's antialiasing when shrinking.
-* Randomness: one pipeline per epoch seeded by (seed, epoch, rank), so epoch ``e`` always gets the same crops when
-  it starts at batch 0. Resuming at ``start > 0`` replays the exact sample order, but DALI's per-sample-slot
-  generators then draw different crops than the uninterrupted run did (the FFCV loader is exact in both).
-* Buffer lifetime: the iterator refills its output tensors; a batch stays valid until the next one is requested
-  (``clone()`` views you keep longer). Labels and indices are copies.
+* Input: the shards of ``convert_dataset.py --format dali``; an ``external_source`` slices the memory-mapped tars in
+  the order of :func:`pipeline.ffcv_loader.shard_indices`, because ``fn.readers.webdataset`` shuffles with a
+  streaming buffer and gives ranks unequal shards, and the interface needs an order that depends only on
+  (seed, epoch), equal batch counts per rank and a restart at batch ``start``.
+* Decode once, crop V times: cheaper than one ROI decode per view (``docs/performance.md``).
+* Resize: ``data_cfg.interpolation``, antialiased. A batch stays valid until the next one is requested.
+* Randomness: one pipeline per epoch seeded by (seed, epoch, rank). A resume at ``start > 0`` replays the exact sample
+  order, but DALI's per-slot generators then draw other crops than the uninterrupted run (FFCV is exact in both).
 """
 
 from __future__ import annotations

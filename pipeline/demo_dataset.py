@@ -1,35 +1,21 @@
 """Built-in demo dataset: procedurally drawn shapes and textures in ImageFolder layout (no downloads).
 
 ``python -m pipeline.demo_dataset --out data/demo`` writes ``data/demo/{train,val}/<class>/<nnnnn>.jpg`` plus
-``data/demo/manifest.json``. Ten classes whose identity is invariant to colour, position, scale and rotation:
+``data/demo/manifest.json``. Ten classes whose identity is invariant to colour, position, scale and rotation: shapes
+(``circle``, ``ring``, ``triangle``, ``square``, ``star``, ``cross``, ``spiral``) and two-level textures filling a
+random region (``stripes``, ``checkerboard``, ``dots``).
 
-* shapes (one filled object): ``circle``, ``ring``, ``triangle``, ``square``, ``star`` (5 points), ``cross``,
-  ``spiral`` (a thick 2-3 turn stroke);
-* textures (a two-colour pattern filling a random elliptical or rectangular region): ``stripes``,
-  ``checkerboard``, ``dots``.
+Each image draws three grey levels at least ``MIN_CONTRAST`` apart, the object near the centre at a random scale
+(52-90 % of the side) and rotation, Gaussian pixel noise and sometimes a slight blur; masks are drawn at 2x and
+box-filtered down; files are JPEG at ``jpeg_quality``. Nothing but shape, texture, grey levels and pose tells two
+images apart, on purpose: the EMA-teacher methods learn instance discrimination first, and any per-image cue that
+survives augmentation (a colour relation, a unique clutter stroke) would be learnt instead of the class
+(``docs/results.md`` has the measurements).
 
-Every image draws, from its own seeded generator: three grey levels at least ``MIN_CONTRAST`` apart (background,
-object, and the second texture level); the object near the centre (it may touch the border), at a random scale
-(diameter 52-90% of the side) and rotation; Gaussian pixel noise; and sometimes a slight blur. Masks and patterns
-are drawn at 2x and box-filtered down (antialiased edges); files are JPEG at ``jpeg_quality`` (optimized Huffman
-tables).
-
-Brightness carries no class information, so the task needs shape/texture features. Nothing but shape, texture,
-grey levels and pose tells two images apart either, and that is deliberate: the EMA-teacher methods (DINO, SCFS,
-ReSSL, ReSA) learn instance discrimination first, and any per-image cue that survives augmentation is learnt in
-place of the class. Version 2 drew colours with a faint smooth colour field on background and object and 0-2 random
-clutter strokes: the object-vs-background colour relation survives hue jitter and the strokes are unique to each
-image, and on it those four methods did not beat a random-init backbone in the CPU demo schedule (README, "Demo
-results", has the measurements; version 1, with small off-centre objects and more clutter, was worse still).
-Measured on version 3 (2600 train / 500 val, chance 10%, kNN k=20 at 64 px): random-init ResNet-18 37.0-41.4%
-(with / without zero-init residuals), the seven methods' 6-epoch demo recipes 47.6-83.2% (README, Demo results).
-Generation takes ~3 ms of CPU per image (~7 s on 2 cores).
-
-Determinism: image ``(split, class c, index i)`` is drawn from ``numpy.random.default_rng([seed, split_id, c, i])``,
-so the bytes do not depend on the number of worker processes. Caching: ``manifest.json`` (generator version +
-parameters + file counts) is written last and atomically; :func:`ensure_demo_dataset` returns at once when it
-matches, and otherwise regenerates into a temporary directory and swaps the split folders in (other content of the
-root, e.g. converted ``ffcv/``/``dali/`` outputs, is left alone; those carry their own source fingerprints).
+Determinism: image ``(split, class c, index i)`` comes from ``numpy.random.default_rng([seed, split_id, c, i])``, so
+the bytes do not depend on the number of workers. ``manifest.json`` (generator version, parameters, file counts) is
+written last and atomically; :func:`ensure_demo_dataset` returns at once when it matches, else regenerates into a
+temporary directory and swaps the split folders in (converted ``ffcv/``/``dali/`` outputs are left alone).
 """
 
 from __future__ import annotations

@@ -1,23 +1,19 @@
 """FFCV pipeline stages for decode-once multi-crop: the multi-crop decoder, an index decoder and the RNG.
 
-:class:`MultiCropDecoder` is an FFCV ``Operation`` for the ``image`` field (``RGBImageField``, jpg or raw). For every
-sample of a batch it decodes the JPEG **once** into a scratch buffer and then cuts all V views out of the decoded
-image: torchvision-semantics RandomResizedCrop box (:data:`pipeline.crops.sample_rrc_nb`, aspect-ratio jitter
-kept), resize with FFCV's OpenCV ``resize`` (``INTER_AREA``: pixel-area averaging, antialiased when shrinking), then
-a horizontal flip with probability ``flip_p`` of that view. Stock FFCV decodes the JPEG again for every view, which
-costs ~2x the throughput for 2+6/8-crop recipes (see /work/shared/research/cpu_loader_measurements.md).
+:class:`MultiCropDecoder` is an FFCV ``Operation`` for the ``image`` field (``RGBImageField``, jpg or raw). It decodes
+each sample's JPEG **once** into a scratch buffer and cuts all V views from it: a torchvision-semantics
+RandomResizedCrop box (:data:`pipeline.crops.sample_rrc_nb`), OpenCV ``INTER_AREA`` resize (antialiased when
+shrinking), then a horizontal flip with the view's ``flip_p``. Stock FFCV decodes again for every view, which is the
+dominant cost of a multi-crop recipe (JPEG time is entropy decoding; ``docs/performance.md``).
 
-Output contract (declared in :meth:`MultiCropDecoder.declare_state_and_memory`): one uint8 array of shape
-``(B, total_bytes + 1)`` per batch, but its memory is laid out **view-major**: the first ``B * 3 * S_0^2`` bytes
-are view 0 of all B samples as (B, S_0, S_0, 3) HWC, then view 1, and so on; the last B bytes are a per-sample
-status (0 = ok, 1 = JPEG decode failed). :func:`split_views` turns that buffer into V tensors (B, 3, S, S) that are
-channels-last views of the same memory (no copy).
+Output contract (:meth:`MultiCropDecoder.declare_state_and_memory`): one uint8 array ``(B, total_bytes + 1)`` per batch,
+laid out **view-major**: ``B * 3 * S_0^2`` bytes of view 0 as (B, S_0, S_0, 3) HWC, then view 1, ...; the last B bytes
+are a per-sample status (0 ok, 1 JPEG decode failed). :func:`split_views` turns it into V channels-last tensors
+(B, 3, S, S) over the same memory (no copy).
 
-Randomness is counter-based: each (seed, epoch, sample index, view) gets its own stream (:class:`CounterRNG`,
-splitmix64), so crops depend only on those four numbers - not on the thread that decodes the sample, the batch the
-sample lands in, the number of workers or the number of ranks. The (seed, epoch) key lives in a small host array
-that the compiled code reads through a raw pointer at the start of every batch (FFCV freezes closure constants at
-compile time, so a Python attribute would not reach already compiled code).
+Randomness is counter-based: each (seed, epoch, sample index, view) has its own splitmix64 stream (:class:`CounterRNG`),
+so crops do not depend on threads, batches, workers or ranks. The (seed, epoch) key lives in a small host array read
+through a raw pointer at every batch, because FFCV freezes closure constants when it compiles.
 """
 
 from __future__ import annotations  # noqa: I001  (pipeline.ffcv_import must precede the ffcv imports)

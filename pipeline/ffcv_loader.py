@@ -6,38 +6,16 @@ Loader interface (shared by the torchvision, FFCV and DALI loaders)::
     len(loader)                        # batches per epoch for this rank (drop_last: only full batches)
     for batch in loader.epoch_iter(epoch, start=0):
         batch.views                    # V uint8 (B, 3, S_v, S_v), globals first, order of data_cfg.expanded_views()
-        batch.labels, batch.indices    # (B,) int64
-        batch.n_global                 # colour ops are NOT applied here: DeviceAugment does them on the device
+        batch.labels, batch.indices    # (B,) int64; colour ops are applied later, by DeviceAugment on the device
 
-The pipeline, assembled in :func:`build_ffcv_loader` (every stage declares its output before data flows)::
-
-    image: MultiCropDecoder  (B, sum_v 3 S_v^2 + 1) uint8, view-major -> split_views -> V x (B, 3, S_v, S_v)
-    label: IntDecoder        (B, 1) int64
-    index: IndexDecoder      (B,) int64 (dataset index, for exact-resume checks)
-
-Behaviour and choices:
-
-* Crops: torchvision RandomResizedCrop semantics per view (scale, ratio with aspect jitter) and a horizontal flip with
-  the view's ``flip_p`` (``flip=False`` leaves the flip to ``DeviceAugment(flip=True)``). Resize kernel: OpenCV
-  ``INTER_AREA`` (FFCV's C resize); ``data_cfg.interpolation`` only applies to the torchvision loader.
-* Order: ``random`` uses the same (seed, epoch) permutation and rank split as the torchvision loader (a ``.beton``
-  written in ImageFolder order is visited in the same order by both). ``quasi_random`` shuffles pages, then samples
-  within windows of pages (reads far less of the file when ``os_cache=False`` and the data does not fit in RAM)
-  and, unlike stock FFCV, works with several ranks: global batches are dealt round-robin to ranks.
-* Sharding never touches ``torch.distributed``: ``rank``/``world_size`` are arguments, every rank gets the same
-  number of full batches and ranks see disjoint samples.
-* Determinism: order and crops depend only on (seed, epoch, index) - not on threads, batch size split or timing - so
-  ``epoch_iter(epoch, start)`` resumes exactly at batch ``start``.
-* Threads: ``data_cfg.workers`` numba threads decode in parallel from one FFCV background thread (``0`` = 1 thread).
-  Side effect of FFCV: its thread sets torch's (process-wide) intra-op thread count to ``workers`` when an epoch
-  starts; the builder restores the caller's value after construction, but a training process on the CPU ends up
-  with ``workers`` torch threads.
-* Buffer lifetime: the view tensors alias FFCV's ring buffer and stay valid until the next batch is requested (the
-  usual FFCV contract; ``clone()`` views you keep longer); labels and indices are copies. On CUDA the views are
-  copied to the device (non-blocking, from pinned memory) and FFCV's stream events keep the slot alive until the
-  copy is done.
-* First-batch latency: the decoder is a few small numba functions (~2-3 s to compile on a slow core, once per
-  process), not stock FFCV's per-view decoders.
+Pipeline (:func:`build_ffcv_loader`): ``image`` -> :class:`MultiCropDecoder` (B, sum_v 3 S_v^2 + 1) uint8 view-major
+-> ``split_views``; ``label`` -> ``IntDecoder`` (B, 1); ``index`` -> ``IndexDecoder`` (B,). Order and crops depend only
+on (seed, epoch, index), so ``epoch_iter(epoch, start)`` resumes exactly at batch ``start``; ``random`` order is the
+same permutation and rank split as the torchvision loader, ``quasi_random`` shuffles pages (for data that does not
+fit in RAM) and, unlike stock FFCV, works with several ranks. Sharding takes ``rank``/``world_size`` as arguments
+(never ``torch.distributed``). ``data_cfg.workers`` numba threads decode; FFCV sets torch's process-wide intra-op
+thread count to ``workers`` when an epoch starts. The view tensors alias FFCV's ring buffer and stay valid until the
+next batch is requested (``clone()`` what you keep); on CUDA they are copied non-blocking from pinned memory.
 """
 
 from __future__ import annotations

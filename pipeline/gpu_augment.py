@@ -1,43 +1,21 @@
 """[2] Device-side batched augmentation: uint8 crops in, normalised (bf16/fp16/fp32) views out.
 
 The loader delivers crop (+ usually flip) as uint8 ``(B, 3, H, W)`` views; :class:`DeviceAugment` applies the rest of
-the per-view recipe (``ViewConfig``) on whatever device the batch is on, in this order (DINO/BYOL order)::
+each view's recipe (``ViewConfig``) on the batch's device, in DINO/BYOL order::
 
     [flip] -> colour jitter (p, random op order) -> grayscale (p) -> Gaussian blur (p) -> solarize (p)
            -> normalise -> cast -> [channels-last]
 
-Design decisions:
-
-* Views with the same recipe and size are stacked and processed as one batch (e.g. DINO's 6-8 local crops become one
-  ``(8B, 3, 96, 96)`` call): fewer, larger kernels.
-* Per-sample random parameters are drawn on the **host** from one seeded CPU ``torch.Generator``: the data-dependent
-  grouping (which samples blur, which op comes first) is then known on the host without a device sync, the draws do
-  not depend on the device, and resuming only needs the generator state (:meth:`state_dict`) - or nothing at all if
-  the caller passes ``step`` (parameters are then a pure function of ``(seed, step)``).
-* Colour jitter has two implementations (``ViewConfig.jitter_impl``): ``"exact"`` (torchvision float semantics,
-  HSV hue) and ``"fused"`` (one per-sample affine colour map, grayscale folded in, applied straight from uint8 in
-  one batched matmul); see :func:`pipeline.augment_ops.jitter_matrices` for the deviation.
-* ``compile=True`` runs the elementwise stages through ``torch.compile`` with fixed shapes and per-sample masks
-  instead of host-side subsets: [flip] + uint8 -> float + jitter + grayscale becomes one fused loop (fused path) or
-  two (exact path: :func:`pipeline.augment_ops.color_jitter_pointwise`), and solarize + normalise + cast + layout one
-  more. Each (view size, stack size, optional-op pattern) compiles once (~10-30 s per graph on a CPU, paid at the
-  first batches).
-* CPU batches (``ViewConfig.cpu_impl="kernel"``, the default) use two numba kernels: the exact colour stage
-  (:mod:`pipeline.color_kernel`: uint8 -> float + jitter + grayscale row by row in cache, ~15x the eager torch ops,
-  faster than the compiled ones) and the blur (:mod:`pipeline.blur_ops`: the same sampled Gaussian as the
-  convolution, per-sample taps, in place on the selected samples, ~8x cheaper). Elsewhere (or ``"torch"``) blur is a
-  grouped convolution on the selected subset and the colour stage the torch ops above.
-* Input layout: views are stacked into one contiguous NCHW uint8 tensor first (FFCV's crops are channels-last; one
-  uint8 transpose is far cheaper than letting the compiled colour stage read NHWC and write NCHW float).
-
-Seeding under DDP: pass a different ``seed`` per rank (e.g. ``seed + rank``) or every rank augments identically.
-
-Measured cost, DINO recipe (2 x 224 + 6 x 96, B = 64, channels-last uint8 crops in as FFCV delivers them), one CPU
-thread, process time per batch, bf16 channels-last / fp32 NCHW out, ``cpu_impl="kernel"``: exact eager 0.16 / 0.14 s,
-exact compiled 0.12 / 0.12 s, fused eager 0.20 / 0.16 s, fused compiled 0.10 / 0.09 s. With ``cpu_impl="torch"``
-(the torch ops, as on other devices) exact eager takes 0.6-0.85 s, fused compiled 0.27 s (the grouped-conv blur is
-~0.17 s of it). Run with ``THP_MEM_ALLOC_ENABLE=1`` (as ``pipeline.bench`` does): the fp32 views are > 32 MiB,
-mmap'd afresh by glibc at every batch, and page-faulting them in 4 KiB pages cost ~40% more.
+* Views with the same recipe and size are stacked into one call (DINO's locals: one ``(8B, 3, 96, 96)`` batch).
+* Per-sample parameters are drawn on the **host** from one seeded CPU generator: the grouping (which samples blur,
+  which op comes first) is known without a device sync, draws do not depend on the device, and with ``step`` given
+  they are a pure function of ``(seed, step)`` (resume needs no state). Under DDP pass ``seed + rank``.
+* Colour jitter: ``jitter_impl="exact"`` (torchvision float semantics, HSV hue) or ``"fused"`` (one per-sample affine
+  colour map from uint8 in one matmul; deviation in :func:`pipeline.augment_ops.jitter_matrices`).
+* ``compile=True`` runs the elementwise stages through ``torch.compile`` (fixed shapes, per-sample masks).
+* CPU batches (``cpu_impl="kernel"``) use numba kernels with the same results to float32 rounding
+  (:mod:`pipeline.color_kernel`, :mod:`pipeline.blur_ops`); ``"torch"`` (and every other device) the torch ops.
+* Views are stacked into one contiguous NCHW uint8 tensor first. Costs per batch: ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -116,7 +94,7 @@ def fused_color_stage(x: torch.Tensor, flip: torch.Tensor | None, m_mat: torch.T
 
 def channel_means(x: torch.Tensor) -> torch.Tensor:
     """Per-sample channel means in [0, 1]: (N, 3, H, W) uint8 -> (N, 3) float32 (flip-invariant). Compiled, one
-    pass over the uint8 input (eagerly a float copy of the input is made first: ~9x slower on a CPU)."""
+    pass over the uint8 input (eagerly a float copy of the input is made first, far slower on a CPU)."""
     return x.sum(dim=(2, 3), dtype=torch.float32) / (255.0 * x.shape[2] * x.shape[3])
 
 
@@ -274,7 +252,7 @@ class DeviceAugment:
     def _exact_color(self, x: torch.Tensor, view: ViewConfig, p: ViewParams, flip: torch.Tensor | None):
         dev = x.device
         enabled = _jitter_enabled(view)
-        if view.cpu_impl == "kernel" and color_kernel.kernel_available(x):  # CPU: one pass, ~10x the torch ops
+        if view.cpu_impl == "kernel" and color_kernel.kernel_available(x):  # CPU: one pass instead of one per op
             if flip is not None:
                 x = ops.on_subset(x, flip, lambda t, sel: t.flip(-1))
             gray = p.gray if bool(p.gray.any()) else None

@@ -1,31 +1,21 @@
 """[0] ImageFolder scanning, validation and image preparation for ``convert_dataset.py``.
 
-Two stages, both free of FFCV/DALI imports so they can run in plain worker processes:
+Both stages are free of FFCV/DALI imports, so they run in plain worker processes:
 
-* :func:`scan_image_folder` lists ``<src>/<class>/**/<file>`` (or the entries of a file list), assigns labels from
-  ``class_to_idx`` (sorted class folder names unless given) and returns the candidate files plus everything it
-  rejected up front (non-image extensions, hidden files, files outside class folders, duplicate entries, unreadable
-  entries, empty class folders), each with a reason. It also fingerprints the listing (path, size, mtime) so a
-  converter can tell whether an existing output is up to date.
-* :func:`prepare_image` turns one source file into the bytes that get stored: a **baseline (non-progressive) 3-channel
-  JPEG** (the format every decoder we use handles, including nvJPEG's hardware engine). Colour handling:
-  CMYK/YCCK, grayscale, palette, RGBA/LA (alpha dropped, the same ``convert('RGB')`` torchvision's ``pil_loader``
-  does, so pixels match the torchvision baseline) -> RGB; 16-bit grayscale -> ``round(x / 257)`` (65535 -> 255);
-  16-bit RGB(A) PNG/TIFF are reduced to 8 bits by Pillow (high byte, i.e. at most 1 level below ``round(x / 257)``);
-  32-bit integer images with values <= 65535 -> scaled like 16-bit; float images in [0, 1] -> ``round(255 x)``.
-  EXIF orientation is applied (``ImageOps.exif_transpose``) unless disabled.
+* :func:`scan_image_folder` lists ``<src>/<class>/**/<file>`` (or a file list), assigns labels from ``class_to_idx``
+  (sorted class folders unless given), and returns the candidates plus every input it rejected up front (non-image
+  extension, hidden, outside a class folder, duplicate, unreadable, empty class), each with a reason, and a
+  fingerprint of the listing (path, size, mtime) that tells a converter whether an output is up to date.
+* :func:`prepare_image` turns one file into the stored bytes: a **baseline 3-channel JPEG** (what every decoder used
+  here handles, nvJPEG's hardware engine included). CMYK, grayscale, palette and alpha images become RGB as
+  torchvision's ``pil_loader`` does (so pixels match the baseline); 16-bit images ``round(x / 257)``; float images in
+  [0, 1] ``round(255 x)``; EXIF orientation is applied unless disabled.
 
-Resizing only ever shrinks: the scale factor is ``min(1, max_side / long_side, short_side / short_side_px)`` (0
-disables a limit). The kernel is Pillow's antialiased **bicubic** (the DINO/torchvision reference kernel); for JPEG
-sources that shrink by >= 2x, Pillow's DCT-domain ``draft`` first decodes at a reduced scale that stays >= 2x the
-target, so the bicubic pass still has >= 2x oversampling.
-
-Images are encoded with Pillow/libjpeg-turbo at ``jpeg_quality``, 4:2:0 chroma subsampling and optimized Huffman
-tables (~6% smaller files for ~1.5 ms extra encode time per ImageNet-size image; decode speed unchanged). With
-``reencode='auto'`` a source that is already a baseline YCbCr JPEG and needs no resize or rotation is stored byte
-for byte unless the re-encoded file is more than 10% smaller: a source at or below the target quality is kept
-without generation loss, a high-quality source (ImageNet's are mostly ~q90-96) is shrunk. ``reencode='always'``
-always stores the re-encoded file.
+Resizing only shrinks, by ``min(1, max_side / long_side, short_side / short_side_px)`` (0 disables a limit), with
+Pillow's antialiased bicubic (the torchvision reference kernel); JPEGs shrinking by >= 2x are first DCT-decoded at a
+scale that keeps >= 2x oversampling. Encoding: libjpeg-turbo at ``jpeg_quality``, 4:2:0, optimized Huffman tables.
+With ``reencode='auto'`` a baseline YCbCr JPEG that needs no resize or rotation is stored byte for byte unless
+re-encoding makes it more than 10 % smaller (no generation loss for low-quality sources; high-quality ones shrink).
 """
 
 from __future__ import annotations

@@ -1,27 +1,16 @@
 """[0] Write prepared samples (:class:`pipeline.scan.SpooledSamples`) as webdataset tar shards + DALI index files.
 
-Layout of the output directory (read natively by ``nvidia.dali.fn.readers.webdataset``):
+Output directory (read natively by ``nvidia.dali.fn.readers.webdataset``):
 
-* ``shard-000000.tar`` ... : POSIX (ustar) tar files. Sample ``i`` (the ``i``-th surviving image in listing order,
-  same numbering as the ``.beton`` and ``samples.tsv``) has the key ``%08d % i`` and three members:
-
-  - ``<key>.jpg``: the prepared baseline 3-channel JPEG (bytes identical to what the ``.beton`` stores);
-  - ``<key>.cls``: the class index as ASCII decimal text (the webdataset convention; ``webdataset``/``tar`` tools
-    read it as is);
-  - ``<key>.lbl``: 8 bytes, two little-endian int32 ``[label, sample_index]``, so DALI hands out numeric labels and
-    indices without host-side parsing (``dtypes=types.INT32`` -> shape (2,)).
-
-  Samples are written in a seeded random permutation, not class-sorted: DALI's ``random_shuffle`` only mixes
-  within a buffer of ``initial_fill`` samples (default 1024), so class-sorted shards would give single-class
-  batches. Shards are cut when they exceed ``shard_bytes``; DALI shards *samples* (not files) across ranks, so the
-  number of tar files need not match the number of GPUs. Tar headers are deterministic (mtime 0, uid/gid 0).
-* ``shard-000000.idx`` ...: one index per tar in DALI's ``wds2idx`` text format ``v1.2``: a first line
-  ``v1.2 <num_samples>``, then one line per sample listing, for each member, ``<ext> <data_offset> <size>
-  <member_name>`` (space-separated, members of a sample on one line). ``data_offset`` is the byte offset of the
-  member's data (its 512-byte header offset + 512). Generating it here avoids running ``wds2idx`` (and GNU tar)
-  over the shards afterwards.
-
-Reading it (CPU or GPU)::
+* ``shard-000000.tar`` ...: ustar files with deterministic headers. Sample ``i`` (the ``i``-th surviving image, same
+  numbering as the ``.beton`` and ``samples.tsv``) has key ``%08d % i`` and members ``<key>.jpg`` (the same bytes as
+  the ``.beton``), ``<key>.cls`` (class index as ASCII, the webdataset convention) and ``<key>.lbl`` (two
+  little-endian int32 ``[label, sample_index]``, so DALI hands out numbers without host-side parsing). Samples are
+  written in a seeded permutation, because DALI's ``random_shuffle`` only mixes within a buffer and class-sorted
+  shards would give single-class batches. Shards are cut at ``shard_bytes``; DALI shards samples, not files.
+* ``shard-000000.idx`` ...: DALI's ``wds2idx`` format ``v1.2`` (``v1.2 <num_samples>``, then per sample one line of
+  ``<ext> <data_offset> <size> <member_name>`` per member), so neither ``wds2idx`` nor GNU tar runs afterwards.
+Reading it::
 
     jpg, lbl = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["jpg", "lbl"],
                                      dtypes=[types.UINT8, types.INT32], random_shuffle=True,

@@ -127,7 +127,7 @@ class _ChildWatchdog:
     def __enter__(self) -> _ChildWatchdog:
         # interrupt_main() only raises KeyboardInterrupt where SIGINT has a Python handler; a process started in the
         # background by a non-interactive shell (`convert ... &`, nohup) inherits SIGINT ignored, and the watchdog
-        # would fire into nothing (measured: the writer-death test hung under `nohup ... &`). Install the default
+        # would fire into nothing (the writer-death test hangs under `nohup ... &` without this). Install the default
         # handler for the duration of the write, from the main thread (the only one allowed to).
         self._foreign = {p.pid for p in multiprocessing.active_children()}
         self._saved_sigint = None

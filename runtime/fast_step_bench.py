@@ -4,10 +4,10 @@
 
 Runs the model step only (forward, backward, optimizer, EMA, loss state) on a cached augmented batch for each variant:
 eager fp32 (NCHW), + channels-last, + bf16 autocast, + torch.compile of the backbone. Variants are interleaved over
-``--rounds`` rounds and the median is kept, because this machine is shared and noisy; ratios are to the first variant
+``--rounds`` rounds and the median is kept, because a shared machine is noisy; ratios are to the first variant
 run (eager fp32 unless ``--variant`` picks others). Compilation / warm-up time is reported separately and excluded.
 ``--variant "channels-last fp32" --variant "channels-last bf16"`` under ``ONEDNN_MAX_CPU_ISA=AVX2`` (or AVX512_CORE,
-...) shows what bf16 costs on a CPU without AMX (README, "Precision").
+...) shows what bf16 costs on a CPU without AMX (docs/performance.md, "Precision").
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def seed_everything(seed: int) -> None:
 
 # Speed of bf16 autocast over fp32 for the DINO demo step (ResNet-18, B 64, channels-last) on one CPU, by the best ISA
 # oneDNN was allowed (ONEDNN_MAX_CPU_ISA; python -m runtime.fast_step_bench --variant ...): AMX 1.50x, AVX512-BF16
-# 1.12x, AVX512 0.48x, AVX2 0.10x (README, "Performance tools"). Only AMX gives a clear gain; without AVX512-BF16,
+# 1.12x, AVX512 0.48x, AVX2 0.10x (docs/performance.md, "Precision"). Only AMX gives a clear gain; without AVX512-BF16,
 # bf16 is emulated and costs 2-10x. At AVX512-BF16's break-even, auto keeps fp32 (exact, reproducible numerics).
 def cpu_bf16_is_fast() -> bool:
     """True when oneDNN may run bf16 matmuls/convolutions on AMX tiles on this CPU (``ONEDNN_MAX_CPU_ISA`` honoured)."""

@@ -5,18 +5,16 @@ Same maths as ``losses.mvmr.distance_correlation`` (the definition), reorganised
 * ``y`` (the augmented-view embedding ``z_a``) is the second argument of every dCor term of the MV-MR loss; its
   double-centred distance matrix ``B`` is built once, not once per term.
 * Double centring is the projection ``A = H a H`` (``H = I - 11^T / N``), so ``<A, B> = <a, B>`` and the gradient
-  of ``S_ab = mean(A o B)`` with respect to the raw distances ``a`` is ``B / N^2`` (and ``2 A / N^2`` for
-  ``S_aa``). With ``R = sqrt(S_ab / sqrt(S_aa S_bb))``::
+  of ``S_ab = mean(A o B)`` with respect to the raw distances ``a`` is ``B / N^2`` (``2 A / N^2`` for ``S_aa``).
+  With ``R = sqrt(S_ab / sqrt(S_aa S_bb))``::
 
       dR/da = R (B / S_ab - A / S_aa) / (2 N^2)        dR/db = R (A / S_ab - B / S_bb) / (2 N^2)
 
 * Through ``a_ij = sqrt(max(d2_ij, c))``, ``d2_ij = |x_i|^2 - 2 x_i.x_j + |x_j|^2``: with the symmetric
-  ``g = dR/da * [d2 >= c] / (2 a)``, ``dR/dx = 4 (rowsum(g) x - g x)``: one (N, N) x (N, F) matmul per input
-  (autograd of the reference does two per input and term, and rebuilds ``y``'s matrix for every term).
+  ``g = dR/da * [d2 >= c] / (2 a)``, ``dR/dx = 4 (rowsum(g) x - g x)``: one (N, N) x (N, F) matmul per input.
 
-The forward keeps per input one (N, N) centred matrix and one (N, N) weight ``[d2 >= c] / (2 a)``; the backward
-is elementwise work plus that one matmul. The (N, N) steps are ``torch.compile``'d (``dynamic=True``; clamps enter
-as 0-dim tensors); the Gram matmuls are BLAS either way. ``compile=False`` runs the same code eagerly.
+The forward keeps per input one (N, N) centred matrix and one (N, N) weight ``[d2 >= c] / (2 a)``. The (N, N) steps
+are ``torch.compile``'d (``dynamic=True``; clamps enter as 0-dim tensors); ``compile=False`` runs them eagerly.
 """
 
 from __future__ import annotations

@@ -3,24 +3,18 @@
 Same maths as ``losses.resa.self_assignment`` / ``losses.sinkhorn.sinkhorn_knopp`` and
 ``losses.resa.resa_cross_entropy`` (the definitions), reorganised:
 
-* **Sinkhorn in scaling form.** After ``K = exp((S - colmax) / eps)`` the iterates of the reference are always
-  ``diag(u) K diag(v)``; a column step is ``v = 1 / (C * (u^T K))`` and a row step ``u = 1 / (N * (K v))``. So the
-  (R, C) matrix is written twice (``K`` and the returned ``A = N u K v``) instead of twice per iteration, and every
-  iteration is two matrix-vector products (BLAS) reading ``K``. Distributed: ``u^T K`` is all-reduced exactly where
-  the reference all-reduces its column sums, and the column maximum is taken over all ranks as there.
+* **Sinkhorn in scaling form.** After ``K = exp((S - colmax) / eps)`` the iterates are ``diag(u) K diag(v)``; a column
+  step is ``v = 1 / (C * (u^T K))``, a row step ``u = 1 / (N * (K v))``: the (R, C) matrix is written twice (``K`` and
+  ``A = N u K v``) and each iteration is two matrix-vector products. Distributed: ``u^T K`` and the column maximum
+  are all-reduced where the reference all-reduces.
 * **Cross-entropy with the gradient in the forward.** With ``l = n(z^q) n(z_bar^v)^T / tau``, ``r_i = sum_j A_ij``::
 
       row_i(q, v) = r_i lse_j(l_ij) - sum_j A_ij l_ij
       dL/dn(z^q)  = sum_v w_qv (r o softmax(l) - A) n(z_bar^v) / (tau B_l)          w_qv = [q != v] / n_pairs
 
-  All pairs run in one compiled graph (normalisation, per pair one pass over its (B_l, B) logit block: matmul,
-  log-sum-exp, weighted row sums, the (B_l, D) gradient product; then the L2-normalisation backward); the
-  autograd backward is the saved (V, B_l, D) gradient times the upstream gradient. No (V, M, B_l, B) logit or
-  log-softmax tensor is stored, and nothing gradient-related is computed under ``no_grad``.
-
-The cross-entropy graph and the Sinkhorn elementwise functions are ``torch.compile``'d with ``dynamic=True``
-(the graph specialises on V and M, which are fixed in a run); ``tau`` and ``eps`` enter as 0-dim tensors.
-``compile=False`` runs the same code eagerly.
+  All pairs run in one compiled graph, one pass over each (B_l, B) logit block; the backward is the saved
+  (V, B_l, D) gradient times the upstream gradient, so no (V, M, B_l, B) logit tensor is stored.
+Compiled with ``dynamic=True`` (specialised on V and M; ``tau``, ``eps`` as 0-dim tensors); ``compile=False``: eager.
 """
 
 from __future__ import annotations

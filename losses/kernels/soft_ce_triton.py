@@ -8,15 +8,14 @@ with ``Qsum_s = sum_{t != s} P_t`` (``= Psum - P_s`` for a global crop s < T, el
     L       = sum_{s, b} l[s, b] / (B * (T * S - T))
     dL/dx_s = (w_s * softmax(x_s / tau_s) - Qsum_s) / (tau_s * B * (T * S - T))
 
-so one pass over K per student row suffices (never one per (t, s) pair), and the backward recomputes softmax and
-``Qsum`` from the saved per-row log-sum-exps instead of storing any (B, K) probability tensor.
+so one pass over K per student row suffices, and the backward recomputes softmax and ``Qsum`` from the saved
+per-row log-sum-exps instead of storing a (B, K) probability tensor. All math in fp32; K tiled by ``BLOCK``:
 
-Kernels (all math in fp32 whatever the input dtype; K is tiled by ``BLOCK``, masked at the tail):
-    ``_teacher_stats``: grid (T*B,): lse_t of (t - c)/tau_t per teacher row, plus the center update's column
-        sum of raw teacher logits (atomic adds into a (K,) fp32 buffer).
-    ``_soft_ce_fwd``: grid (B*S,), s fastest so the S programs of a sample share its teacher tiles in L2:
-        online log-sum-exp of x_s/tau_s, <Psum, x_s>, <P_s, x_s> -> l[s, b], lse_s[b].
-    ``_soft_ce_bwd``: grid (B*S,): the gradient above, written in the student dtype.
+* ``_teacher_stats``, grid (T*B,): lse_t of (t - c)/tau_t per teacher row, plus the center update's column sum of
+  raw teacher logits (atomic adds into a (K,) fp32 buffer);
+* ``_soft_ce_fwd``, grid (B*S,), s fastest so a sample's S programs share its teacher tiles in L2: online
+  log-sum-exp of x_s/tau_s, <Psum, x_s>, <P_s, x_s> -> l[s, b], lse_s[b];
+* ``_soft_ce_bwd``, grid (B*S,): the gradient above, in the student dtype.
 """
 
 from __future__ import annotations

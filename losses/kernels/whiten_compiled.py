@@ -1,25 +1,21 @@
 """Fused whitening for INTL (IterNorm) and CW-RGP (grouped ZCA): hand-written backward, compiled pieces.
 
 Same maths as ``losses.whitening.iternorm_whiten`` and ``losses.whitening.group_channel_whiten`` (the definitions).
-Letters: X (..., n, m) the matrix whose rows are whitened against each other (IterNorm axis 0: n = N samples,
-m = D features; axis 1 is the same problem on X^T), Xc its row-centred copy, c the Gram scale, W symmetric.
+X (..., n, m) has rows whitened against each other (IterNorm axis 0: n = N samples, m = D features; axis 1 is the
+same on X^T), Xc is its row-centred copy, c the Gram scale, W symmetric::
 
     Sigma = c Xc Xc^T (+ ridge),  W = f(Sigma),  Y = W Xc
     dXc   = W dY + c (G + G^T) Xc,  G = dL/dSigma = f'(Sigma)^*[sym(Xc dY^T)],  dX = dXc - mean_row(dXc)
 
-The autograd of the reference forms three (n, n) x (n, m) products in the backward for the output product and
-two for ``Xc @ Xc^T``; here the backward has three in total (``W dY``, ``Xc dY^T``, ``(G + G^T) Xc``).
+The backward has three (n, n) x (n, m) products (``W dY``, ``Xc dY^T``, ``(G + G^T) Xc``), autograd five.
 
-* IterNorm: ``f`` = Newton-Schulz (``losses.whitening.newton_schulz_isqrt``, the reference code itself); its
-  (n, n) vector-Jacobian product is taken by autograd on the small matrix (recomputing the T steps, O(T n^3)).
-* ZCA: ``f(Sigma) = U diag(s^-1) U^T`` with ``s = sqrt(lambda)`` from ``eigh``; the closed-form adjoint of the
-  inverse square root is ``G = -U [(U^T sym(dW) U) / (s_i s_j (s_i + s_j))] U^T``. It has no ``1 / (l_i - l_j)``
-  terms (autograd's ``eigh`` backward does), so it stays accurate for close eigenvalues and costs three (n, n)
-  products instead of autograd's eigenvector adjoint.
-
-The dense pieces are ``torch.compile``'d with ``dynamic=True`` (``eigh`` runs as an ATen fallback inside them);
-``compile=False`` runs the same code eagerly. Inputs of any float dtype but float64 are computed in fp32, the
-gradient is returned in the input's dtype, the output in fp32 (as the reference).
+* IterNorm: ``f`` = Newton-Schulz (``losses.whitening.newton_schulz_isqrt``); its (n, n) vector-Jacobian product is
+  taken by autograd on the small matrix (recomputing the T steps, O(T n^3)).
+* ZCA: ``f(Sigma) = U diag(s^-1) U^T``, ``s = sqrt(lambda)`` from ``eigh``; the closed-form adjoint
+  ``G = -U [(U^T sym(dW) U) / (s_i s_j (s_i + s_j))] U^T`` has no ``1 / (l_i - l_j)`` terms, so it stays accurate
+  for close eigenvalues.
+Dense pieces are ``torch.compile``'d (``dynamic=True``; ``eigh`` as an ATen fallback); ``compile=False`` runs them
+eagerly. Non-float64 inputs compute in fp32; the gradient has the input's dtype, the output is fp32.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Every registered method learns the built-in dataset's classes through the real trainer (issue #4's learning check).
+"""Every registered method learns the built-in dataset's classes through the real trainer.
 
 One short run of each method's demo recipe (torchvision loader, 40 steps of 64 images per epoch) must stay finite
 and lift weighted kNN (k=20, top-1, the method's evaluated weights) above a random-init backbone of the same
-architecture and init by a margin measured on this machine. README "Demo results" has the full-schedule numbers.
+architecture and init by a margin measured on this machine. ``docs/results.md`` has the full-schedule numbers.
 """
 
 import hashlib
