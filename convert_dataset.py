@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonneg_int, default=0, help="dali: seed of the sample order inside the shards")
     p.add_argument("-j", "--workers", type=nonneg_int, default=0,
                    help="decode/encode processes (default 0 = all cores)")
+    p.add_argument("--follow-links", action="store_true",
+                   help="also follow symlinks that point out of --src (links into another class folder and loops "
+                        "are never followed)")
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any input is skipped")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if the output is up to date")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -89,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                           max_side=args.max_side, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
                           reencode=args.reencode, exif_transpose=args.exif_transpose, shard_mb=args.shard_mb,
                           seed=args.seed, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
-                          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+                          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+                          follow_links=args.follow_links)
     except ConvertError as e:
         print(f"convert_dataset.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the disk filled up or a folder became read-only mid-run
+        print(f"convert_dataset.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("convert_dataset.py: interrupted; no output was left under a final name", file=sys.stderr)
