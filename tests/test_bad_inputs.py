@@ -113,6 +113,8 @@ CASES = [
     ("class index bool", "convert",
      lambda d: _convert(d, "--class-index", _class_index(d, {"class0": 0, "class1": True})),
      ["classes.json", "expected {class_name: int}"], 1),
+    ("out in a folder nobody may write (/sys)", "convert", lambda d: _convert(d)[:2] + ["--out", "/sys/x/y.beton"],
+     ["cannot write to /sys (Permission denied)"], 1),
     ("out under a file", "convert",
      lambda d: ["--src", _src(d), "--out", str(Path(_src(d)) / "class0" / "000.jpg" / "x.beton"), "-q"],
      ["000.jpg is a file, not a folder"], 1),
