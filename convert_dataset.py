@@ -19,6 +19,7 @@ import sys
 
 from pipeline.convert import convert
 from pipeline.scan import ConvertError
+from runtime.cli_types import nonneg_int, positive_float, ranged
 
 __all__ = ["convert", "main"]
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(<class>/<file>); classes = first path components in the list")
     p.add_argument("--class-index", help="class_to_idx JSON to use (e.g. the train split's classes.json) so labels "
                                          "agree across splits; class folders not in it are skipped")
-    p.add_argument("--max-side", type=int, default=512,
+    p.add_argument("--max-side", type=nonneg_int, default=512,
                    help="shrink so the longer side is <= this (0 = no limit; never upscales). Default 512 keeps "
                         "ImageNet's native ~500x375: a 224 px crop needs >= 26%% of a 512x384 image's area, so "
                         "~1%% of global crops with scale U(0.25, 1) and no 96 px local crop (scale >= 0.05) get "
@@ -59,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ones, but stores ~3x fewer bytes and decodes ~2.3x faster. Measured on 400-500 px "
                         "photo-like JPEGs (q90-96, 78 KiB): 512 -> 57 KiB/img (73%% of the source bytes), 256 -> 19 "
                         "KiB (24%%), --short-side 288 -> 28.5 KiB (37%%)")
-    p.add_argument("--short-side", type=int, default=0,
+    p.add_argument("--short-side", type=nonneg_int, default=0,
                    help="also shrink so the shorter side is <= this (0 = off). 288 is the middle ground: 4:3 images "
                         "become 384x288, ~27%% of U(0.25, 1) global crops and ~17%% of local crops are upscaled")
-    p.add_argument("--jpeg-quality", type=int, default=90,
+    p.add_argument("--jpeg-quality", type=ranged(int, ge=1, le=100), default=90,
                    help="JPEG quality of re-encoded images (default 90, FFCV's ImageNet setting; 95 costs ~1.3x "
                         "bytes)")
     p.add_argument("--reencode", default="auto", choices=["auto", "always"],
@@ -70,9 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-encoding would save < 10%% (no generation loss); always: re-encode everything")
     p.add_argument("--no-exif-transpose", dest="exif_transpose", action="store_false",
                    help="ignore EXIF orientation (torchvision's ImageFolder ignores it; default: apply it)")
-    p.add_argument("--shard-mb", type=float, default=256, help="dali: target tar shard size in MiB (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="dali: seed of the sample order inside the shards")
-    p.add_argument("-j", "--workers", type=int, default=0, help="decode/encode processes (default 0 = all cores)")
+    p.add_argument("--shard-mb", type=positive_float, default=256,
+                   help="dali: target tar shard size in MiB (default 256)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="dali: seed of the sample order inside the shards")
+    p.add_argument("-j", "--workers", type=nonneg_int, default=0,
+                   help="decode/encode processes (default 0 = all cores)")
+    p.add_argument("--follow-links", action="store_true",
+                   help="also follow symlinks that point out of --src (links into another class folder and loops "
+                        "are never followed)")
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any input is skipped")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if the output is up to date")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -86,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                           max_side=args.max_side, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
                           reencode=args.reencode, exif_transpose=args.exif_transpose, shard_mb=args.shard_mb,
                           seed=args.seed, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
-                          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+                          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+                          follow_links=args.follow_links)
     except ConvertError as e:
         print(f"convert_dataset.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the disk filled up or a folder became read-only mid-run
+        print(f"convert_dataset.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("convert_dataset.py: interrupted; no output was left under a final name", file=sys.stderr)

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from runtime.cli_types import positive_float, positive_int, ranged
+
 
 def resolve_checkpoint(spec: str) -> str:
     from runtime.checkpoint import CheckpointError, find_resumable
@@ -50,9 +52,10 @@ def add_knn_parser(sub) -> None:
                    help="labelled feature bank: ImageFolder directory or .beton")
     p.add_argument("--val-dir", "--val-data", dest="val_dir", required=True,
                    help="labelled queries: ImageFolder directory or .beton")
-    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100], help="neighbour counts (DINO reports k=20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim/T)")
-    p.add_argument("--size", type=int, default=0,
+    p.add_argument("--k", type=positive_int, nargs="+", default=[10, 20, 100],
+                   help="neighbour counts (DINO reports k=20)")
+    p.add_argument("--temperature", type=positive_float, default=0.07, help="vote weight exp(sim/T)")
+    p.add_argument("--size", type=ranged(int, ge=8, also=(0,)), default=0,
                    help="center-crop side (resize = size*256/224); 0 = the checkpoint's data.eval_size")
     p.add_argument("--random-baseline", action="store_true", help="also evaluate a random-init backbone")
     p.add_argument("--report", default=None, help="run directory: print the demo results table with its images/s")
@@ -68,7 +71,7 @@ def add_linear_parser(sub) -> None:
     p.add_argument("--fast", action="store_true",
                    help="extract features once (cached), train the classifier on them: minutes instead of hours")
     p.add_argument("--config", action="append", default=[], help="probe YAML (keys of evaluation.config.LinearConfig)")
-    p.add_argument("--num-classes", type=int, default=None, help="fail unless the data has this many classes")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="fail unless the data has this many classes")
     p.add_argument("--out", default=None, help="results JSON (default <run dir>/linear_eval[_fast].json)")
     p.add_argument("--no-resume", action="store_true", help="standard probe: ignore a saved per-epoch state")
     _add_cache(p)

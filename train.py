@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from runtime.cli_types import positive_int
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later files win)")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in train.out_dir) or a path")
     p.add_argument("--benchmark", action="store_true", help="measure loader / model step / end to end and exit")
-    p.add_argument("--steps", type=int, default=20, help="steps per benchmark phase (with --benchmark)")
+    p.add_argument("--steps", type=positive_int, default=20, help="steps per benchmark phase (with --benchmark)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=128 optim.lr=0.05")
     return p.parse_args(argv)
 

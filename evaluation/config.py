@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from runtime.config_loader import ConfigError, deep_merge, from_dict, load_yaml, parse_override
+from runtime.config_loader import ConfigError, bounded, deep_merge, from_dict, load_yaml, parse_override
 
 #: official linear-probe recipes; keys are LinearConfig fields (lr is quoted for a global batch of 256)
 PROTOCOLS: dict[str, dict] = {
@@ -45,21 +45,17 @@ class FastProbeConfig:
 
     # augmented (RandomResizedCrop + flip) copies of each training image, in addition to its center crop; each copy
     # costs one pass of feature extraction. 0 = center crops only (fastest; typically within ~1 point on ImageNet)
-    copies: int = 0
-    epochs: int = 100  # passes over the cached training features
-    batch_size: int = 1024  # global; lr is scaled from the protocol's batch-256 value by lr_scaling
+    copies: int = bounded(0, ge=0)
+    epochs: int = bounded(100, ge=1)  # passes over the cached training features
+    batch_size: int = bounded(1024, ge=1)  # global; lr is scaled from the protocol's batch-256 value by lr_scaling
     # extra lr multipliers trained side by side as one wide matmul (DINOv2-style); 1.0 is the protocol lr. The
     # result reports the protocol head and the best head (selected on the validation split, like a grid search)
-    lr_grid: tuple[float, ...] = (1.0,)
+    lr_grid: tuple[float, ...] = bounded((1.0,), gt=0)
     cache_dtype: Literal["float32", "float16"] = "float32"  # float16 halves disk/device memory of the cache
 
     def __post_init__(self) -> None:
-        if self.copies < 0:
-            raise ConfigError(f"fast.copies: must be >= 0, got {self.copies}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"fast.epochs / fast.batch_size: must be >= 1, got {self.epochs} / {self.batch_size}")
-        if not self.lr_grid or any(m <= 0 for m in self.lr_grid):
-            raise ConfigError(f"fast.lr_grid: need positive multipliers, got {self.lr_grid}")
+        if not self.lr_grid:
+            raise ConfigError("fast.lr_grid: need at least one lr multiplier (1.0 = the protocol lr)")
 
 
 @dataclass
@@ -67,43 +63,35 @@ class LinearConfig:
     """Standard linear probe over image loaders (``eval.py linear``); ``fast`` holds the cached-feature variant."""
 
     protocol: str = "auto"  # preset name from PROTOCOLS, or auto = the checkpoint method's official recipe
-    epochs: int = 100
-    batch_size: int = 256  # global batch (split over ranks)
-    lr: float = 0.3  # for a global batch of 256; the used lr is scaled by lr_scaling
+    epochs: int = bounded(100, ge=1)
+    batch_size: int = bounded(256, ge=1)  # global batch (split over ranks)
+    lr: float = bounded(0.3, gt=0)  # for a global batch of 256; the used lr is scaled by lr_scaling
     lr_scaling: Literal["linear", "none"] = "linear"
     optimizer: Literal["sgd", "lars", "adam"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0  # every official recipe uses 0 on the linear layer
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(0.0, ge=0)  # every official recipe uses 0 on the linear layer
     schedule: Literal["cosine", "step"] = "cosine"  # cosine: per step to 0; step: x0.1 at each milestone epoch
-    milestones: tuple[int, ...] = (60, 80)
-    warmup_epochs: float = 0.0
+    milestones: tuple[int, ...] = bounded((60, 80), ge=1)
+    warmup_epochs: float = bounded(0.0, ge=0)
     # "none" = the official BN-free linear layer; "bn" = BatchNorm1d(affine=False) before it (MAE's probe), which
     # makes the lr far less sensitive to the feature scale
     head_norm: Literal["none", "bn"] = "none"
-    size: int = 0  # crop side; 0 = the checkpoint's data.eval_size (224 for ImageNet recipes)
-    resize: int = 0  # validation resize (shorter side); 0 = round(size * 256 / 224)
-    train_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (torchvision default)
+    size: int = bounded(0, ge=8, also=(0,))  # crop side; 0 = the checkpoint's data.eval_size (224 for ImageNet recipes)
+    resize: int = bounded(0, ge=8, also=(0,))  # validation resize (shorter side); 0 = round(size * 256 / 224)
+    # RandomResizedCrop area range (torchvision default)
+    train_scale: tuple[float, float] = bounded((0.08, 1.0), gt=0, le=1)
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # train-crop resize kernel (torchvision loader)
-    eval_every: int = 1  # epochs between validations (the last epoch is always evaluated)
-    workers: int = -1  # loader workers per rank; -1 = the checkpoint's data.workers
+    eval_every: int = bounded(1, ge=1)  # epochs between validations (the last epoch is always evaluated)
+    workers: int = bounded(-1, ge=0, also=(-1,))  # loader workers per rank; -1 = the checkpoint's data.workers
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # backbone autocast; auto = the checkpoint's
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     fast: FastProbeConfig = field(default_factory=FastProbeConfig)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if self.size < 0 or self.resize < 0 or (self.size and self.resize and self.resize < self.size):
-            raise ConfigError(f"size / resize: need 0 (auto) or resize >= size, got {self.size} / {self.resize}")
-        lo, hi = self.train_scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"train_scale: need 0 < min <= max <= 1, got {self.train_scale}")
-        if self.eval_every < 1:
-            raise ConfigError(f"eval_every: must be >= 1, got {self.eval_every}")
+        if self.size and self.resize and self.resize < self.size:
+            raise ConfigError(f"size / resize: need resize >= size, got {self.size} / {self.resize}")
+        if self.train_scale[0] > self.train_scale[1]:
+            raise ConfigError(f"train_scale: need min <= max, got {self.train_scale}")
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"milestones: must be increasing, got {self.milestones}")
 

@@ -26,41 +26,37 @@ from models.multicrop import forward_multicrop
 from models.residual_init import set_zero_init_residual
 from models.ssl_net import BackboneWithHead
 from runtime import dist
-from runtime.config_loader import ConfigError
+from runtime.config_loader import ConfigError, bounded
 
 
 @dataclass
 class CWRGPConfig:
-    head_hidden_dim: int = 2048  # ImageNet 2048; CIFAR/STL 1024; Tiny-ImageNet 2048
-    head_layers: int = 3  # ImageNet 3 (Linear-BN-ReLU x2 + Linear); small datasets 2
-    emb_dim: int = 1024  # whitened width D (ImageNet/Tiny 1024, CIFAR/STL 512)
+    head_hidden_dim: int = bounded(2048, ge=1)  # ImageNet 2048; CIFAR/STL 1024; Tiny-ImageNet 2048
+    head_layers: int = bounded(3, ge=1)  # ImageNet 3 (Linear-BN-ReLU x2 + Linear); small datasets 2
+    emb_dim: int = bounded(1024, ge=1)  # whitened width D (ImageNet/Tiny 1024, CIFAR/STL 512)
     head_bn: bool = True  # BN after each hidden linear (upstream --no_add_bn turns it off)
-    groups: int = 2  # channel groups G; emb_dim / groups must be >= w_size (ImageNet 2, CIFAR 4)
-    w_size: int = 128  # samples per whitening sub-batch; must divide data.batch_size (per GPU) (CIFAR 64)
-    w_iter: int = 1  # random partitions per step, losses averaged (CW-RGP 2 on CIFAR-10 uses 4)
-    eps: float = 0.0  # ridge towards I of each Gram matrix (upstream w_eps, 0)
-    minus: int = 1  # Gram denominator d - minus
+    groups: int = bounded(2, ge=1)  # channel groups G; emb_dim / groups must be >= w_size (ImageNet 2, CIFAR 4)
+    # samples per whitening sub-batch; must divide data.batch_size (per GPU) (CIFAR 64)
+    w_size: int = bounded(128, ge=1)
+    w_iter: int = bounded(1, ge=1)  # random partitions per step, losses averaged (CW-RGP 2 on CIFAR-10 uses 4)
+    eps: float = bounded(0.0, ge=0, lt=1)  # ridge towards I of each Gram matrix (upstream w_eps, 0)
+    minus: int = bounded(1, ge=0)  # Gram denominator d - minus
     norm: bool = True  # normalised MSE between whitened views; false = plain MSE (upstream --no_norm)
     rand_group: bool = True  # new random channel permutation per (sub-batch, view); false = fixed groups (CW)
-    cov_weight: float = 0.0  # weight of the covariance term on un-whitened outputs (ImageNet 100 ep: 0.005)
-    cov_stop_epochs: int = 50  # the covariance term is off from this epoch on (ImageNet 100 ep: 50; 200 ep: 100)
+    # weight of the covariance term on un-whitened outputs (ImageNet 100 ep: 0.005)
+    cov_weight: float = bounded(0.0, ge=0)
+    # the covariance term is off from this epoch on (ImageNet 100 ep: 50; 200 ep: 100)
+    cov_stop_epochs: int = bounded(50, ge=0)
     bn_per_view: bool = True  # one backbone pass per view (official); false = one pass per resolution (faster)
     zero_init_residual: bool = True  # torchvision resnet(zero_init_residual=True) upstream
 
     def __post_init__(self) -> None:
-        for name in ("head_hidden_dim", "head_layers", "emb_dim", "groups", "w_size", "w_iter"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ssl.{name}: must be >= 1, got {getattr(self, name)}")
         if self.emb_dim % self.groups:
             raise ConfigError(f"ssl.groups: must divide ssl.emb_dim={self.emb_dim}, got {self.groups}")
         if self.emb_dim // self.groups < self.w_size:
             raise ConfigError(f"ssl.w_size: {self.w_size} samples per sub-batch need at least as many channels per "
                               f"group, but emb_dim / groups = {self.emb_dim // self.groups} (the Gram matrix would "
                               "be singular); lower ssl.w_size or ssl.groups")
-        if not 0.0 <= self.eps < 1.0:
-            raise ConfigError(f"ssl.eps: must be in [0, 1), got {self.eps}")
-        if self.cov_weight < 0:
-            raise ConfigError(f"ssl.cov_weight: must be >= 0, got {self.cov_weight}")
 
 
 @register_method("cw_rgp")

@@ -20,23 +20,25 @@ from models.heads import DINOHead
 from models.residual_init import set_zero_init_residual
 from models.ssl_net import BackboneWithHead
 from optim.schedules import ema_momentum, teacher_temperature
-from runtime.config_loader import ConfigError
+from runtime.config_loader import ConfigError, bounded
 
 
 @dataclass
 class DINOConfig:
-    out_dim: int = 65536  # prototypes K; 65536 for ImageNet, a few thousand is plenty for small data
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
+    out_dim: int = bounded(65536, ge=2)  # prototypes K; 65536 for ImageNet, a few thousand is plenty for small data
+    hidden_dim: int = bounded(2048, ge=1)
+    bottleneck_dim: int = bounded(256, ge=1)
+    head_layers: int = bounded(3, ge=1)
     use_bn_in_head: bool = False
     norm_last_layer: bool = True  # fixed weight-norm gain: more stable, recommended for ResNet-50 and ViT-S
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07  # final teacher temperature (0.04-0.07; lower = sharper targets)
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 50  # linear warm-up of the teacher temperature, per epoch (capped at epochs)
-    center_momentum: float = 0.9
-    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 (0.9995 for small batches)
+    student_temp: float = bounded(0.1, gt=0)
+    teacher_temp: float = bounded(0.07, gt=0)  # final teacher temperature (0.04-0.07; lower = sharper targets)
+    warmup_teacher_temp: float = bounded(0.04, gt=0)
+    # linear warm-up of the teacher temperature, per epoch (capped at epochs)
+    warmup_teacher_temp_epochs: int = bounded(50, ge=0)
+    center_momentum: float = bounded(0.9, ge=0, lt=1)
+    # EMA momentum at step 0, cosine to 1 (0.9995 for small batches)
+    momentum_teacher: float = bounded(0.996, ge=0, lt=1)
     # How the teacher targets are kept from collapsing: "center" = DINO (subtract the EMA center, then softmax; the
     # spec's default), "sinkhorn" = DINOv2/SwAV Sinkhorn-Knopp over the global batch of teacher crops (3 iterations,
     # eps = teacher temperature): each batch is spread over the prototypes by construction. SCFS: applies to its DINO
@@ -44,15 +46,6 @@ class DINOConfig:
     centering: Literal["center", "sinkhorn"] = "center"
     # gamma = 0 in each residual block's last BN: off, as the official torchvision resnet50() (timm's default is on)
     zero_init_residual: bool = False
-
-    def __post_init__(self) -> None:
-        if self.out_dim < 2:
-            raise ConfigError(f"ssl.out_dim: must be >= 2, got {self.out_dim}")
-        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ssl.{name}: must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.momentum_teacher < 1 or not 0 <= self.center_momentum < 1:
-            raise ConfigError("ssl.momentum_teacher and ssl.center_momentum must be in [0, 1)")
 
 
 def build_dino_student(cfg) -> BackboneWithHead:

@@ -32,33 +32,27 @@ from models.heads import MLPConfig, build_mlp
 from models.residual_init import set_zero_init_residual
 from models.ssl_net import BackboneWithHead
 from optim.schedules import ema_momentum
-from runtime.config_loader import ConfigError
+from runtime.config_loader import ConfigError, bounded
 
 
 @dataclass
 class INTLConfig:
-    proj_hidden_dim: int = 8192  # ImageNet 8192; CIFAR 2048; IN-100 4096
-    proj_layers: int = 3  # Linear(no bias)-BN-ReLU x (layers-1), then a biased Linear with nothing after it
-    emb_dim: int = 8192  # width of the whitened embedding (CIFAR 2048)
-    iters: int = 4  # IterNorm Newton-Schulz steps T; few steps modulate the spectrum rather than fully whiten
-    axis: int = 0  # 0 = channel whitening of the N x N sample Gram (official); 1 = batch whitening (D x D)
-    trade_off: float | None = None  # trace-loss weight; None = 0.01 (log2(global batch) - 3) (0.05 at B = 256)
+    proj_hidden_dim: int = bounded(8192, ge=1)  # ImageNet 8192; CIFAR 2048; IN-100 4096
+    # Linear(no bias)-BN-ReLU x (layers-1), then a biased Linear with nothing after it
+    proj_layers: int = bounded(3, ge=1)
+    emb_dim: int = bounded(8192, ge=1)  # width of the whitened embedding (CIFAR 2048)
+    # IterNorm Newton-Schulz steps T; few steps modulate the spectrum rather than fully whiten
+    iters: int = bounded(4, ge=1)
+    # 0 = channel whitening of the N x N sample Gram (official); 1 = batch whitening (D x D)
+    axis: int = bounded(0, choices=(0, 1))
+    # trace-loss weight; None = 0.01 (log2(global batch) - 3) (0.05 at B = 256)
+    trade_off: float | None = bounded(None, ge=0)
     gather: bool = True  # whiten the all-gathered global batch with gradient (official); false = per GPU (ablation)
     ema: bool = False  # true = intl_m: momentum target network on view 0 (the multi-crop ImageNet results)
-    momentum: float = 0.996  # EMA momentum at step 0, cosine to 1 (CIFAR: 0.999)
+    momentum: float = bounded(0.996, ge=0, lt=1)  # EMA momentum at step 0, cosine to 1 (CIFAR: 0.999)
     bn_per_view: bool = True  # one backbone/projector pass per view (official BN statistics); false = per resolution
     zero_init_residual: bool = True  # gamma = 0 in each residual block's last BN (official: on, off for resnet18)
 
-    def __post_init__(self) -> None:
-        for name in ("proj_hidden_dim", "emb_dim", "proj_layers", "iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ssl.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.axis not in (0, 1):
-            raise ConfigError(f"ssl.axis: must be 0 (channel whitening) or 1 (batch whitening), got {self.axis}")
-        if self.trade_off is not None and self.trade_off < 0:
-            raise ConfigError(f"ssl.trade_off: must be >= 0 or null (automatic), got {self.trade_off}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"ssl.momentum: must be in [0, 1), got {self.momentum}")
 
 
 def build_intl_projector(in_dim: int, s: INTLConfig) -> nn.Sequential:

@@ -30,49 +30,41 @@ from models.handcrafted import CODE_SCALE, HandcraftedRepresentations
 from models.heads import MLPConfig, build_mlp
 from models.residual_init import set_zero_init_residual
 from models.ssl_net import BackboneWithHead
-from runtime.config_loader import ConfigError
+from runtime.config_loader import ConfigError, bounded
 
 
 @dataclass
 class MVMRConfig:
     # bias-free projector Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear, 8192 wide in every official config
-    proj_hidden_dim: int = 8192
-    proj_out_dim: int = 8192
-    proj_layers: int = 3
-    std_margin: float = 1.0  # target per-dimension std of z (hinge, unbiased std, no eps)
+    proj_hidden_dim: int = bounded(8192, ge=1)
+    proj_out_dim: int = bounded(8192, ge=1)
+    proj_layers: int = bounded(3, ge=1)
+    std_margin: float = bounded(1.0, gt=0)  # target per-dimension std of z (hinge, unbiased std, no eps)
     # dCor clamp of squared pairwise distances, in the units of the official code's scaled tensors (z / 32 ...);
     # converted to each tensor's own units, so no tensor is rescaled (the /32 was an fp16 trick; we run dCor in fp32)
-    dcor_clamp: float = 1.0e-4
-    z_scale: float = 32.0  # the official divisor of z before dCor (only enters through the clamp)
+    dcor_clamp: float = bounded(1.0e-4, gt=0)
+    z_scale: float = bounded(32.0, gt=0)  # the official divisor of z before dCor (only enters through the clamp)
     # hand-crafted representations of the original view compared with z_a; [] for the distillation variant
     representations: list[str] = field(default_factory=lambda: list(CODE_SCALE))
     # 'code': +dCor(psi, z_a) is *added* (the released code: dependence is reduced); 'paper': 1 - dCor (maximised)
     handcrafted_sign: Literal["code", "paper"] = "code"
     zero_init_residual: bool = True  # the official torchvision resnet50(zero_init_residual=True)
-    original_view: int = 0  # index in data.expanded_views() of the un-augmented view; the other one is augmented
-    scat_j: int = 2  # kymatio Scattering2D scales J
-    scat_l: int = 8  # and orientations L -> 1 + J L + L^2 J (J - 1) / 2 = 81 channels per colour
-    hog_bins: int = 24
-    hog_pool: int = 8
-    std_kernel: int = 3
+    # index in data.expanded_views() of the un-augmented view; the other one is augmented
+    original_view: int = bounded(0, choices=(0, 1))
+    scat_j: int = bounded(2, ge=1)  # kymatio Scattering2D scales J
+    scat_l: int = bounded(8, ge=1)  # and orientations L -> 1 + J L + L^2 J (J - 1) / 2 = 81 channels per colour
+    hog_bins: int = bounded(24, ge=1)
+    hog_pool: int = bounded(8, ge=1)
+    std_kernel: int = bounded(3, ge=2)
     teacher: FrozenTeacherConfig = field(default_factory=FrozenTeacherConfig)  # distillation variant (1 - dCor)
 
     def __post_init__(self) -> None:
-        for name in ("proj_hidden_dim", "proj_out_dim", "proj_layers", "scat_j", "scat_l", "hog_bins", "hog_pool"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ssl.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.std_kernel < 2:
-            raise ConfigError(f"ssl.std_kernel: must be >= 2, got {self.std_kernel}")
-        if self.dcor_clamp <= 0 or self.z_scale <= 0:
-            raise ConfigError(f"ssl.dcor_clamp and ssl.z_scale must be > 0, got {self.dcor_clamp}, {self.z_scale}")
         for r in self.representations:
             if r not in CODE_SCALE:
                 raise ConfigError(f"ssl.representations: unknown representation {r!r}; allowed values: "
                                   f"{', '.join(CODE_SCALE)}")
         if len(set(self.representations)) != len(self.representations):
             raise ConfigError(f"ssl.representations: duplicates in {self.representations}")
-        if self.original_view not in (0, 1):
-            raise ConfigError(f"ssl.original_view: must be 0 or 1 (MV-MR has two views), got {self.original_view}")
 
 
 def build_mvmr_student(cfg) -> BackboneWithHead:

@@ -33,37 +33,23 @@ from models.multicrop import forward_multicrop
 from models.residual_init import set_zero_init_residual
 from optim.schedules import ema_momentum
 from runtime import dist
-from runtime.config_loader import ConfigError
+from runtime.config_loader import ConfigError, bounded
 
 
 @dataclass
 class ReSAConfig:
-    proj_hidden_dim: int = 2048  # projector (Linear-BN-ReLU) x 2 -> Linear -> BN(affine=False)
-    proj_layers: int = 3
-    out_dim: int = 512  # embedding width
+    proj_hidden_dim: int = bounded(2048, ge=1)  # projector (Linear-BN-ReLU) x 2 -> Linear -> BN(affine=False)
+    proj_layers: int = bounded(3, ge=1)
+    out_dim: int = bounded(512, ge=1)  # embedding width
     predictor: bool = True  # online predictor Linear(512->2048)-BN-ReLU-Linear(2048->512); the CIFAR recipe has none
-    pred_hidden_dim: int = 2048
-    temperature: float = 0.4  # tau of the relation softmax
-    sinkhorn_eps: float = 0.05  # hard-coded in the official code
-    sinkhorn_iters: int = 3  # hard-coded in the official code
-    momentum: float = 0.996  # EMA momentum at step 0, cosine to 1 over training
-    momentum_views: int = 2  # views 0 (weak) and 1 (first strong) go through the momentum network
+    pred_hidden_dim: int = bounded(2048, ge=1)
+    temperature: float = bounded(0.4, gt=0)  # tau of the relation softmax
+    sinkhorn_eps: float = bounded(0.05, gt=0)  # hard-coded in the official code
+    sinkhorn_iters: int = bounded(3, ge=1)  # hard-coded in the official code
+    momentum: float = bounded(0.996, ge=0, lt=1)  # EMA momentum at step 0, cosine to 1 over training
+    momentum_views: int = bounded(2, ge=1)  # views 0 (weak) and 1 (first strong) go through the momentum network
     per_view_bn: bool = True  # one forward per view (BN statistics per view), as the official ResNet code
     zero_init_residual: bool = True  # gamma = 0 in the last BN of each residual block (official ResNet recipe)
-
-    def __post_init__(self) -> None:
-        for name in ("proj_hidden_dim", "out_dim", "pred_hidden_dim", "sinkhorn_iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ssl.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.proj_layers < 1:
-            raise ConfigError(f"ssl.proj_layers: must be >= 1, got {self.proj_layers}")
-        for name in ("temperature", "sinkhorn_eps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ssl.{name}: must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"ssl.momentum: must be in [0, 1), got {self.momentum}")
-        if self.momentum_views < 1:
-            raise ConfigError(f"ssl.momentum_views: must be >= 1, got {self.momentum_views}")
 
 
 class ReSANet(nn.Module):

@@ -35,32 +35,24 @@ from models.residual_init import set_zero_init_residual
 from models.shuffle_bn import shuffled_forward
 from models.ssl_net import BackboneWithHead
 from runtime import dist
-from runtime.config_loader import ConfigError
+from runtime.config_loader import ConfigError, bounded
 
 
 @dataclass
 class ReSSLConfig:
-    proj_hidden_dim: int = 4096  # projector Linear(D->4096)-ReLU-Linear(4096->512), no BN, no predictor
-    out_dim: int = 512  # embedding width (L2-normalised)
-    queue_size: int = 131072  # K teacher keys (65536*2); the global batch must divide it; ~K/100 is fine on small data
-    student_temp: float = 0.1  # tau_s, a literal in the official loss
-    teacher_temp: float = 0.04  # tau_t, the official --t (sharper than tau_s)
-    momentum: float = 0.999  # constant EMA momentum of the teacher (no schedule)
+    proj_hidden_dim: int = bounded(4096, ge=1)  # projector Linear(D->4096)-ReLU-Linear(4096->512), no BN, no predictor
+    out_dim: int = bounded(512, ge=1)  # embedding width (L2-normalised)
+    # K teacher keys (65536*2); the global batch must divide it; ~K/100 is fine on small data
+    queue_size: int = bounded(131072, ge=1)
+    student_temp: float = bounded(0.1, gt=0)  # tau_s, a literal in the official loss
+    teacher_temp: float = bounded(0.04, gt=0)  # tau_t, the official --t (sharper than tau_s)
+    momentum: float = bounded(0.999, ge=0, lt=1)  # constant EMA momentum of the teacher (no schedule)
     # MoCo shuffle-BN for the teacher forward across ranks (official). Alternative: model.sync_bn=true with this off.
     shuffle_bn: bool = True
     per_view_bn: bool = True  # one backbone pass per student crop (own BN batch), as ressl_multi.py
     zero_init_residual: bool = False  # the official torchvision ResNet does not zero-init (timm does by default)
-    queue_seed: int = 0  # Gaussian queue init; the same seed on every rank gives identical queues
-
-    def __post_init__(self) -> None:
-        for name in ("proj_hidden_dim", "out_dim", "queue_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ssl.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("student_temp", "teacher_temp"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ssl.{name}: must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"ssl.momentum: must be in [0, 1), got {self.momentum}")
+    # Gaussian queue init; the same seed on every rank gives identical queues
+    queue_seed: int = bounded(0, ge=0, le=2**63 - 1)
 
 
 def build_ressl_net(cfg) -> BackboneWithHead:

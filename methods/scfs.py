@@ -26,30 +26,25 @@ from methods.base import StepContext, StepOutput
 from methods.dino import DINO, DINOConfig, build_dino_student
 from models.feature_search import searched_targets
 from models.scfs_heads import SCFSNet, stage_indices
-from runtime.config_loader import ConfigError
+from runtime.config_loader import ConfigError, bounded
 
 
 @dataclass
 class SCFSConfig(DINOConfig):
     """DINO's ``ssl`` keys (same defaults as the SCFS command: teacher temp 0.04 -> 0.07 over 50 epochs) plus:"""
 
-    shallow_stages: tuple[int, ...] = (2, 3, 4)  # ResNet stages (timm ``layer{k}``) that get a shallow head
-    shallow_bottleneck_dim: int = 256  # width of the residual bottleneck on the stage map
-    shallow_hidden_dim: int = 2048  # hidden width of the shallow MLP
-    shallow_out_dim: int = 256  # shallow output (unit vector) and center width
-    shallow_weight: float = 1.0  # multiplier of sum_k (L^g_k + L^l_k) / 2; 1 = the official code
+    # ResNet stages (timm ``layer{k}``) that get a shallow head
+    shallow_stages: tuple[int, ...] = bounded((2, 3, 4), choices=(1, 2, 3, 4))
+    shallow_bottleneck_dim: int = bounded(256, ge=1)  # width of the residual bottleneck on the stage map
+    shallow_hidden_dim: int = bounded(2048, ge=1)  # hidden width of the shallow MLP
+    shallow_out_dim: int = bounded(256, ge=1)  # shallow output (unit vector) and center width
+    shallow_weight: float = bounded(1.0, ge=0)  # multiplier of sum_k (L^g_k + L^l_k) / 2; 1 = the official code
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.shallow_stages or any(k not in (1, 2, 3, 4) for k in self.shallow_stages):
-            raise ConfigError(f"ssl.shallow_stages: need ResNet stage numbers in 1..4, got {list(self.shallow_stages)}")
+        if not self.shallow_stages:
+            raise ConfigError("ssl.shallow_stages: need at least one ResNet stage number in 1..4")
         if len(set(self.shallow_stages)) != len(self.shallow_stages):
             raise ConfigError(f"ssl.shallow_stages: repeated stage in {list(self.shallow_stages)}")
-        for name in ("shallow_bottleneck_dim", "shallow_hidden_dim", "shallow_out_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ssl.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.shallow_weight < 0:
-            raise ConfigError(f"ssl.shallow_weight: must be >= 0, got {self.shallow_weight}")
 
 
 @register_method("scfs")

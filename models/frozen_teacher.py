@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.config_loader import ConfigError
+from runtime.config_loader import ConfigError, bounded
 
 
 @dataclass
@@ -35,9 +35,12 @@ class FrozenTeacherConfig:
     kind: Literal["none", "timm", "open_clip"] = "none"
     name: str = ""  # timm model name, or open_clip model name (e.g. ViT-B-16)
     checkpoint: str = ""  # local file: timm -> a state dict; open_clip -> a checkpoint open_clip can load
-    num_classes: int = 0  # timm only: width of the head kept on the model (512 = CLIP projection; 0 = pooled features)
-    input_size: int = 224  # the original view is resized to this side (bilinear, align_corners=False) for the teacher
-    scale: float = 32.0  # the official code divides the teacher features by this before dCor (only affects the clamp)
+    # timm only: width of the head kept on the model (512 = CLIP projection; 0 = pooled features)
+    num_classes: int = bounded(0, ge=0)
+    # the original view is resized to this side (bilinear, align_corners=False) for the teacher
+    input_size: int = bounded(224, ge=8)
+    # the official code divides the teacher features by this before dCor (only affects the clamp)
+    scale: float = bounded(32.0, gt=0)
 
     def __post_init__(self) -> None:
         if self.kind != "none":
@@ -48,9 +51,6 @@ class FrozenTeacherConfig:
                                   "(a local file; nothing is downloaded)")
         if self.name.startswith("hf-hub:"):
             raise ConfigError(f"ssl.teacher.name: {self.name!r} would download weights; use a local checkpoint")
-        if self.input_size < 8 or self.num_classes < 0 or self.scale <= 0:
-            raise ConfigError("ssl.teacher: need input_size >= 8, num_classes >= 0 and scale > 0, got "
-                              f"{self.input_size}, {self.num_classes}, {self.scale}")
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:

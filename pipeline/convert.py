@@ -48,6 +48,7 @@ from pipeline.scan import (
     read_and_prepare,
     scan_image_folder,
 )
+from pipeline.scan_checks import check_writable
 from runtime.procs import pid_alive
 
 FORMAT_VERSION = 1
@@ -344,14 +345,14 @@ def convert(src: str, out: str, format: str = "ffcv", *, file_list: str | None =
             class_index: str | None = None, max_side: int = 512, short_side: int = 0, jpeg_quality: int = 90,
             reencode: str = "auto", exif_transpose: bool = True, shard_mb: float = 256, seed: int = 0,
             workers: int | None = None, strict: bool = False, overwrite: bool = False, progress: bool = True,
-            log: Callable[[str], None] = print) -> Summary:
+            log: Callable[[str], None] = print, follow_links: bool = False) -> Summary:
     """Convert one ImageFolder split; see the module docstring and ``convert_dataset.py --help``.
 
     Args:
         src: split directory (``<src>/<class>/<image>``).
         out: output path (``.beton`` for ffcv, a directory for dali, a root directory for both).
         format: 'ffcv' | 'dali' | 'both'.
-        file_list, class_index: see :func:`pipeline.scan.scan_image_folder`.
+        file_list, class_index, follow_links: see :func:`pipeline.scan.scan_image_folder`.
         max_side, short_side, jpeg_quality, reencode, exif_transpose: see :class:`pipeline.scan.PrepareParams`.
         shard_mb: dali shard size in MiB.
         seed: seed of the dali storage permutation.
@@ -373,12 +374,15 @@ def convert(src: str, out: str, format: str = "ffcv", *, file_list: str | None =
     workers = workers or os.cpu_count() or 1
     shard_bytes = int(shard_mb * 2**20)
     targets = resolve_targets(src, out, format)
-    listing = scan_image_folder(src, file_list, class_index)
+    listing = scan_image_folder(src, file_list, class_index, follow_links)
+    for w in listing.warnings:
+        log(f"warning: {w}")
     if not listing.items:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in listing.skipped[:5])
         raise ConvertError(f"--src {src}: empty dataset, no image files found" + (f" ({reasons})" if reasons else ""))
     settings_of = lambda t: _settings(params, t.kind, shard_bytes, seed)  # noqa: E731
     todo = _plan(targets, settings_of, listing, overwrite, log)
+    check_writable([os.path.dirname(t.path) for t in todo])
     if not todo:
         manifest = _read_json(targets[0].sidecar("manifest.json")) or {}
         return Summary([t.path for t in targets], written=manifest.get("num_samples", 0), up_to_date=True,

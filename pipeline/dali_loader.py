@@ -78,8 +78,11 @@ class ShardIndex:
         if os.path.isfile(tsv):
             with open(tsv) as f:
                 header = f.readline().startswith("index")
-            table = np.loadtxt(tsv, dtype=np.int64, delimiter="\t", usecols=(0, 1), ndmin=2, comments=None,
-                               skiprows=int(header))
+            try:
+                table = np.loadtxt(tsv, dtype=np.int64, delimiter="\t", usecols=(0, 1), ndmin=2, comments=None,
+                                   skiprows=int(header))
+            except ValueError:  # rows split by a tab/newline in a file name (older conversions): use <key>.cls
+                table = np.zeros((0, 2), dtype=np.int64)
             if len(table) == len(self) and np.array_equal(np.sort(table[:, 0]), np.arange(len(self))):
                 labels = np.empty(len(self), dtype=np.int64)
                 labels[table[:, 0]] = table[:, 1]

@@ -58,6 +58,40 @@ def check_beton(path: str) -> None:
                           f"found {found}")
     if reader.num_samples == 0:
         raise ConfigError(f"data.train_path: {path!r} contains no samples")
+    bad = corrupt_jpeg_samples(reader)
+    if len(bad):
+        raise ConfigError(corrupt_message(path, len(bad), reader.num_samples, bad[:5].tolist()))
+
+
+def corrupt_message(path: str, n_bad: int, n: int | None, examples: list[int]) -> str:
+    """One line: which file, how many samples are damaged, and the fix."""
+    of = f" of {n}" if n is not None else ""
+    return (f"data.train_path: {path}: {n_bad}{of} stored image(s) are corrupt (e.g. sample indices "
+            f"{', '.join(map(str, examples))}); the file was damaged after conversion: re-convert it with "
+            "convert_dataset.py --overwrite")
+
+
+def corrupt_jpeg_samples(reader) -> np.ndarray:
+    """(n_bad,) int64 indices of samples whose stored JPEG lies past the end of the file or does not start with the
+    JPEG start-of-image marker FF D8 FF (e.g. a zeroed region); raw-pixel samples are not checked.
+
+    Reads 3 bytes per sample through a memory map, so it costs one page read per sample (not a decode); damage
+    strictly inside one image's entropy-coded data is caught later by the loader's decode status."""
+    field = f"f{list(reader.handlers).index('image')}"
+    meta = reader.metadata[field]
+    jpg = np.flatnonzero(meta["mode"] == 0)  # RGBImageField: mode 0 = JPEG, 1 = raw pixels
+    ptr = meta["data_ptr"][jpg].astype(np.int64)
+    alloc = reader.alloc_table
+    order = np.argsort(alloc["ptr"], kind="stable")
+    starts = alloc["ptr"][order].astype(np.int64)
+    pos = np.clip(np.searchsorted(starts, ptr), 0, max(len(starts) - 1, 0))
+    size = alloc["size"][order][pos].astype(np.int64) if len(starts) else np.zeros_like(ptr)
+    data = np.memmap(reader.file_name, dtype=np.uint8, mode="r")
+    ok = (starts[pos] == ptr) & (size >= 3) & (ptr + size <= len(data)) if len(starts) else np.zeros(0, bool)
+    head = np.zeros((len(ptr), 3), dtype=np.uint8)
+    head[ok] = data[ptr[ok, None] + np.arange(3)]
+    ok &= (head == np.array([0xFF, 0xD8, 0xFF], dtype=np.uint8)).all(axis=1)
+    return jpg[~ok].astype(np.int64)
 
 
 def batches_per_rank(n: int, batch_size: int, world_size: int) -> int:
@@ -256,8 +290,8 @@ def split_views_checked(images: np.ndarray, sizes: list[int], indices: np.ndarra
     views, status = split_views(images, sizes)
     if status.any():
         bad = indices.reshape(-1)[status != 0].tolist()
-        raise RuntimeError(f"{path}: JPEG decoding failed for dataset indices {bad} (corrupt .beton? re-run "
-                           "convert_dataset.py)")
+        raise ConfigError(corrupt_message(path, len(bad), None, bad[:5]).replace(" stored image(s)",
+                                                                              " image(s) of this batch"))
     return views, status
 
 

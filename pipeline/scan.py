@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.scan_checks import link_problem, load_class_index, missing_classes_warning, name_problem, printable
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # reencode="auto" keeps a fitting source JPEG unless re-encoding at jpeg_quality makes it >10% smaller.
 KEEP_ORIGINAL_RATIO = 1.1
@@ -66,6 +68,7 @@ class Listing:
     class_to_idx: dict[str, int]
     skipped: list[Skip] = field(default_factory=list)
     fingerprint: str = ""
+    warnings: list[str] = field(default_factory=list)  # problems that do not skip an input (printed by convert)
 
 
 @dataclass(frozen=True)
@@ -94,23 +97,32 @@ class Prepared:
 
 def _load_class_index(path: str) -> dict[str, int]:
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"--class-index {path}: cannot read JSON ({e})") from None
-    mapping = data.get("class_to_idx", data) if isinstance(data, dict) else None
-    if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
-        raise ConvertError(f"--class-index {path}: expected {{class_name: int}} or {{'class_to_idx': {{...}}}}")
-    return {str(k): int(v) for k, v in mapping.items()}
+        return load_class_index(path)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
 
 
-def _walk_class_dir(root: str, cls: str, skipped: list[Skip]) -> list[str]:
-    """All files under ``root/cls`` (recursive, symlinks followed, sorted), relative to ``root``."""
-    out = []
+def _walk_class_dir(root: str, cls: str, skipped: list[Skip], follow_links: bool) -> list[str]:
+    """All files under ``root/cls`` (recursive, sorted), relative to ``root``. Directory symlinks are followed only
+    when :func:`pipeline.scan_checks.link_problem` allows it, and each real folder is scanned once (no loops)."""
+    out, root_real = [], os.path.realpath(root)
+    class_real = os.path.realpath(os.path.join(root, cls))
+    visited = {class_real}
     for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        skipped.extend(Skip(f"{rel_dir}/{d}", "hidden folder (not scanned)") for d in dirnames if d.startswith("."))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(dirnames):
+            rel, full = f"{rel_dir}/{d}", os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            problem = ("hidden folder (not scanned)" if d.startswith(".") else
+                       link_problem(full, root_real, class_real, follow_links) or
+                       (f"symlink to a folder scanned already ({real}); not followed" if real in visited else None))
+            if problem:
+                skipped.append(Skip(printable(rel), problem))
+            else:
+                visited.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         out.extend(f"{rel_dir}/{name}" for name in sorted(filenames))
     return out
 
@@ -132,7 +144,8 @@ def _read_file_list(root: str, file_list: str) -> list[str]:
     return entries
 
 
-def _listing_entries(root: str, file_list: str | None) -> tuple[list[str], list[str], list[Skip]]:
+def _listing_entries(root: str, file_list: str | None,
+                     follow_links: bool) -> tuple[list[str], list[str], list[Skip]]:
     """(class names found, relative file entries, up-front skips) for a folder walk or a file list."""
     skipped: list[Skip] = []
     if file_list is not None:
@@ -143,19 +156,26 @@ def _listing_entries(root: str, file_list: str | None) -> tuple[list[str], list[
     for name in sorted(os.listdir(root)):
         full = os.path.join(root, name)
         if name.startswith("."):
-            skipped.append(Skip(name, "hidden entry (not scanned)"))
+            skipped.append(Skip(printable(name), "hidden entry (not scanned)"))
             continue
         if os.path.isdir(full):
+            problem = name_problem(name) or link_problem(full, os.path.realpath(root), None, follow_links)
+            if problem:
+                skipped.append(Skip(printable(name), f"class folder {problem}"))
+                continue
             classes.append(name)
-            entries.extend(_walk_class_dir(root, name, skipped))
+            entries.extend(_walk_class_dir(root, name, skipped, follow_links))
         else:
-            skipped.append(Skip(name, "file is not inside a class folder (expected <src>/<class>/<image>)"))
+            skipped.append(Skip(printable(name), "file is not inside a class folder (expected <src>/<class>/<image>)"))
     return classes, entries, skipped
 
 
-def _check_entry(root: str, rel: str, class_to_idx: dict[str, int],
-                 seen: dict[tuple[int, int], str]) -> Skip | os.stat_result:
+def _check_entry(root: str, rel: str, class_to_idx: dict[str, int], seen: dict[tuple[int, int], str],
+                 follow_links: bool) -> Skip | os.stat_result:
     """Reject an entry with a reason, or return its stat result (and record its real path in ``seen``)."""
+    problem = name_problem(rel)
+    if problem:
+        return Skip(printable(rel), f"file {problem}")
     if "/" not in rel or rel.startswith(".."):
         return Skip(rel, "file is not inside a class folder (expected <src>/<class>/<image>)")
     cls, base = rel.split("/", 1)[0], rel.rsplit("/", 1)[-1]
@@ -173,11 +193,16 @@ def _check_entry(root: str, rel: str, class_to_idx: dict[str, int],
     key = (st.st_dev, st.st_ino)  # same file via a symlink, a hard link or a repeated list entry
     if key in seen:
         return Skip(rel, f"duplicate entry: same file as {seen[key]}")
+    class_real = os.path.realpath(os.path.join(root, cls))
+    problem = link_problem(full, os.path.realpath(root), class_real, follow_links)
+    if problem:
+        return Skip(rel, problem)
     seen[key] = rel
     return st
 
 
-def scan_image_folder(src: str, file_list: str | None = None, class_index: str | None = None) -> Listing:
+def scan_image_folder(src: str, file_list: str | None = None, class_index: str | None = None,
+                      follow_links: bool = False) -> Listing:
     """List an ImageFolder split (``src/<class>/...``) and assign labels.
 
     Args:
@@ -186,7 +211,10 @@ def scan_image_folder(src: str, file_list: str | None = None, class_index: str |
             paths inside ``src`` are accepted; blank lines and ``#`` comments ignored). Classes are then the first
             path components present in the list.
         class_index: optional JSON ``{class: idx}`` (or ``{"class_to_idx": {...}}``, e.g. the ``classes.json``
-            written for the train split) to keep labels identical across splits.
+            written for the train split) to keep labels identical across splits. Every class needs its own
+            non-negative index; classes of the index without a folder in ``src`` are named in ``warnings``.
+        follow_links: also follow symlinks that point out of ``src`` (links into another class folder, and loops,
+            are never followed; see :mod:`pipeline.scan_checks`).
 
     Returns:
         The :class:`Listing`; labels follow ``class_to_idx`` (default: sorted class folder names -> 0..C-1).
@@ -198,12 +226,13 @@ def scan_image_folder(src: str, file_list: str | None = None, class_index: str |
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.exists(root) else "does not exist"
         raise ConvertError(f"--src {src}: {what} (expected an ImageFolder split like data/demo/train)")
-    classes, entries, skipped = _listing_entries(root, file_list)
+    classes, entries, skipped = _listing_entries(root, file_list, follow_links)
     class_to_idx = _load_class_index(class_index) if class_index else {c: i for i, c in enumerate(classes)}
+    warning = missing_classes_warning(class_to_idx, classes, class_index, src) if class_index else None
     items, seen, h = [], {}, hashlib.sha256()
     per_class = dict.fromkeys(class_to_idx, 0)
     for rel in entries:
-        res = _check_entry(root, rel, class_to_idx, seen)
+        res = _check_entry(root, rel, class_to_idx, seen, follow_links)
         if isinstance(res, Skip):
             skipped.append(res)
             continue
@@ -215,7 +244,7 @@ def scan_image_folder(src: str, file_list: str | None = None, class_index: str |
         if cls in per_class and per_class[cls] == 0:
             skipped.append(Skip(cls, "empty class folder: no image files (the class keeps its index)"))
     h.update(json.dumps(class_to_idx, sort_keys=True).encode())
-    return Listing(root, items, class_to_idx, skipped, h.hexdigest())
+    return Listing(root, items, class_to_idx, skipped, h.hexdigest(), [warning] if warning else [])
 
 
 # ------------------------------------------------------------------------------------------------ decoding

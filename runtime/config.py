@@ -12,7 +12,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from runtime.config_loader import ConfigError, coerce, deep_merge, from_dict, load_yaml, parse_override, to_dict
+from runtime.config_loader import (
+    ConfigError,
+    bounded,
+    coerce,
+    deep_merge,
+    from_dict,
+    load_yaml,
+    parse_override,
+    to_dict,
+)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -25,23 +34,23 @@ class ViewConfig:
     """
 
     role: Literal["global", "local"] = "global"
-    count: int = 1
-    size: int = 224  # output side in pixels (224 global, 96 local for DINO-style multi-crop)
-    scale: tuple[float, float] = (0.25, 1.0)  # area fraction range of RandomResizedCrop
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range (log-uniform), as torchvision
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
+    count: int = bounded(1, ge=1)
+    size: int = bounded(224, ge=8)  # output side in pixels (224 global, 96 local for DINO-style multi-crop)
+    scale: tuple[float, float] = bounded((0.25, 1.0), gt=0, le=1)  # area fraction range of RandomResizedCrop
+    ratio: tuple[float, float] = bounded((3 / 4, 4 / 3), gt=0)  # aspect-ratio range (log-uniform), as torchvision
+    flip_p: float = bounded(0.5, ge=0, le=1)
+    jitter_p: float = bounded(0.8, ge=0, le=1)
+    brightness: float = bounded(0.4, ge=0)
+    contrast: float = bounded(0.4, ge=0)
+    saturation: float = bounded(0.2, ge=0)
+    hue: float = bounded(0.1, ge=0, le=0.5)
+    grayscale_p: float = bounded(0.2, ge=0, le=1)
+    blur_p: float = bounded(0.0, ge=0, le=1)
+    blur_sigma: tuple[float, float] = bounded((0.1, 2.0), gt=0)
+    solarize_p: float = bounded(0.0, ge=0, le=1)
     # Blur kernel length in output pixels; 0 = 2*ceil(3*blur_sigma[1])+1 (13 taps for sigma<=2). sigma is in output
     # pixels for every crop size, as in DINO (PIL GaussianBlur(radius=sigma) on the resized crop).
-    blur_kernel: int = 0
+    blur_kernel: int = bounded(0, ge=3, also=(0,))
     # Device colour jitter: "exact" (default) = torchvision float semantics (clamp after each op, HSV hue);
     # "fused" = one per-sample affine colour map (hue as a rotation about the grey axis): ~1.7x cheaper than the torch
     # ops of "exact" (on CPU batches cpu_impl="kernel" makes "exact" nearly as cheap: 0.12 vs 0.09 s per DINO batch) but
@@ -54,28 +63,12 @@ class ViewConfig:
     cpu_impl: Literal["kernel", "torch"] = "kernel"
 
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ConfigError(f"views[].count: must be >= 1, got {self.count}")
-        if self.size < 8:
-            raise ConfigError(f"views[].size: must be >= 8 pixels, got {self.size}")
-        lo, hi = self.scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"views[].scale: need 0 < min <= max <= 1, got {self.scale}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ConfigError(f"views[].ratio: need 0 < min <= max, got {self.ratio}")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"views[].{name}: probability must be in [0, 1], got {p}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ConfigError(f"views[].hue: must be in [0, 0.5], got {self.hue}")
-        if self.blur_kernel != 0 and (self.blur_kernel < 3 or self.blur_kernel % 2 == 0):
+        for name in ("scale", "ratio", "blur_sigma"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ConfigError(f"views[].{name}: need min <= max, got {getattr(self, name)}")
+        if self.blur_kernel % 2 == 0 and self.blur_kernel != 0:
             raise ConfigError(f"views[].blur_kernel: must be 0 (auto) or an odd number >= 3, got {self.blur_kernel}")
-        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ConfigError(f"views[].blur_sigma: need 0 < min <= max, got {self.blur_sigma}")
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"views[].{name}: must be >= 0, got {getattr(self, name)}")
 
 
 def dino_views(global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), n_local=8, local_size=96) -> list[ViewConfig]:
@@ -92,26 +85,23 @@ class DataConfig:
     loader: Literal["torchvision", "ffcv", "dali"] = "torchvision"
     # torchvision: ImageFolder directory; ffcv: .beton file; dali: shard directory written by convert_dataset.py
     train_path: str = "data/demo/train"
-    batch_size: int = 64  # per rank; the global batch is batch_size * world_size
-    workers: int = 2  # loader worker processes/threads per rank; use every core not driving the accelerator
+    batch_size: int = bounded(64, ge=1)  # per rank; the global batch is batch_size * world_size
+    # loader worker processes/threads per rank; use every core not driving the accelerator
+    workers: int = bounded(2, ge=0)
     views: list[ViewConfig] = field(default_factory=dino_views)
     # torchvision loader only: False = the official repos' way (every op in PIL per image in workers);
     # True = PIL does decode+crop+flip, colour/blur/solarize run batched on the device (much faster).
     device_augment: bool = True
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resize kernel of RandomResizedCrop (DINO: bicubic)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = bounded((0.485, 0.456, 0.406), ge=0, le=1)
+    std: tuple[float, float, float] = bounded((0.229, 0.224, 0.225), gt=0)
     os_cache: bool = True  # ffcv: read through the page cache (True when the dataset fits in RAM)
     order: Literal["random", "quasi_random"] = "random"  # ffcv sample order; quasi_random needs less RAM
     # kNN / probe center-crop side (images are resized to eval_size * 256/224 first). 0 = the first global view's
     # size: evaluate at the resolution the backbone was trained at (224 for the ImageNet recipes).
-    eval_size: int = 0
+    eval_size: int = bounded(0, ge=8, also=(0,))
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ConfigError(f"data.workers: must be >= 0, got {self.workers}")
         if not self.views:
             raise ConfigError("data.views: at least one view is required")
         roles = [v.role for v in self.views]
@@ -138,7 +128,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"  # any timm name; resnet50 / vit_small_patch16_224 for the ImageNet recipes
-    drop_path_rate: float = 0.0  # stochastic depth (ViT: 0.1 is DINO's recommendation)
+    drop_path_rate: float = bounded(0.0, ge=0, lt=1)  # stochastic depth (ViT: 0.1 is DINO's recommendation)
     # autocast dtype; fp16 adds a GradScaler (CUDA only). auto: bf16 on CUDA (fp16 without bf16 support) and on CPUs
     # with AMX, fp32 on other CPUs (bf16 is slower than fp32 there); the run's config.yaml records the resolved value
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -146,58 +136,39 @@ class ModelConfig:
     compile: bool = False  # torch.compile the backbone; warm-up cost is paid once per resolution
     sync_bn: bool = True  # convert BN to SyncBatchNorm when world_size > 1 (the SCFS/DINO-ResNet recipes)
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ConfigError(f"model.drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
-
 
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "lars", "adamw", "adam"] = "sgd"  # adam = torch Adam, weight decay as L2 in the gradient
-    lr: float = 0.1  # base lr for a global batch of 256; the used lr is scaled by lr_scaling
+    lr: float = bounded(0.1, gt=0)  # base lr for a global batch of 256; the used lr is scaled by lr_scaling
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    min_lr: float = 0.0048  # final lr of the cosine (absolute, not scaled)
-    warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
-    weight_decay: float = 1e-4
-    weight_decay_end: float | None = None  # cosine schedule of wd to this value; None = constant
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0  # 0 disables clipping
+    min_lr: float = bounded(0.0048, ge=0)  # final lr of the cosine (absolute, not scaled)
+    warmup_epochs: float = bounded(10.0, ge=0)  # linear warm-up from 0 to the peak lr
+    weight_decay: float = bounded(1e-4, ge=0)
+    weight_decay_end: float | None = bounded(None, ge=0)  # cosine schedule of wd to this value; None = constant
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
+    clip_grad: float = bounded(3.0, ge=0)  # 0 disables clipping
     clip_mode: Literal["per_param", "global"] = "per_param"  # DINO/SCFS clip each tensor to the norm separately
-    freeze_last_layer_epochs: int = 1  # DINO: no gradient to the prototype layer during the first epoch(s)
-    lars_eta: float = 0.001
+    # DINO: no gradient to the prototype layer during the first epoch(s)
+    freeze_last_layer_epochs: int = bounded(1, ge=0)
+    lars_eta: float = bounded(0.001, gt=0)
     fused: bool = True  # fused/foreach optimizer implementation where torch offers it
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"optim.warmup_epochs: must be >= 0, got {self.warmup_epochs}")
-        if self.clip_grad < 0:
-            raise ConfigError(f"optim.clip_grad: must be >= 0 (0 disables), got {self.clip_grad}")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    steps_per_epoch: int = 0  # 0 = one pass over the data; >0 caps an epoch (demo, smoke tests)
+    epochs: int = bounded(100, ge=1)
+    steps_per_epoch: int = bounded(0, ge=0)  # 0 = one pass over the data; >0 caps an epoch (demo, smoke tests)
     out_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = 10  # steps between host syncs for loss logging (each .item() is a sync)
-    ckpt_every: int = 200  # steps between checkpoints (and always at the end of an epoch)
-    keep_last: int = 3  # checkpoints kept on disk
+    log_every: int = bounded(10, ge=1)  # steps between host syncs for loss logging (each .item() is a sync)
+    ckpt_every: int = bounded(200, ge=1)  # steps between checkpoints (and always at the end of an epoch)
+    keep_last: int = bounded(3, ge=1)  # checkpoints kept on disk
     resume: str = ""  # '' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path
     knn_at_end: bool = True  # run weighted kNN on data.val_path after training
     tensorboard: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs: must be >= 1, got {self.epochs}")
-        if self.keep_last < 1:
-            raise ConfigError(f"train.keep_last: must be >= 1, got {self.keep_last}")
-        if self.log_every < 1:
-            raise ConfigError(f"train.log_every: must be >= 1, got {self.log_every}")
 
 
 @dataclass
@@ -205,9 +176,9 @@ class EvalConfig:
     # labelled ImageFolder splits for kNN (at the end of training and in eval.py knn)
     train_dir: str = "data/demo/train"
     val_dir: str = "data/demo/val"
-    knn_k: int = 20
-    knn_t: float = 0.07
-    batch_size: int = 128
+    knn_k: int = bounded(20, ge=1)
+    knn_t: float = bounded(0.07, gt=0)
+    batch_size: int = bounded(128, ge=1)
     features: Literal["teacher", "student", "auto"] = "auto"  # auto = the method's official choice
 
 

@@ -3,13 +3,21 @@
 Every failure raises :class:`ConfigError` naming the dotted key, the offending value and what is allowed,
 before any work starts. Supported field types: bool, int, float, str, ``Literal[...]``, ``Optional[T]``,
 ``list[T]``, ``tuple[T, ...]``, ``dict[str, T]`` and nested dataclasses.
+
+Numeric fields declare their allowed values where they are defined, with :func:`bounded` (a :class:`Range` in the
+field's metadata); :func:`from_dict` checks every given value against it right after coercion, before the
+dataclass (and its cross-field ``__post_init__`` checks) is built. ``tests/test_config_ranges.py`` fails for a
+numeric field without a declared range. YAML files are read with a loader that refuses duplicated keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -17,6 +25,69 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key, value or file is invalid; the message says which and what is allowed."""
+
+
+RANGE_KEY = "range"
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field (of each element for a list/tuple field; ``None`` always passes, the type
+    decides whether it is allowed). ``ge``/``gt``/``le``/``lt`` bound an interval; ``also`` lists values allowed
+    outside it (e.g. ``0`` = automatic); ``choices`` replaces the interval by a fixed set. Floats must be finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple = ()
+    choices: tuple | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        lo = f">= {self.ge!r}" if self.ge is not None else f"> {self.gt!r}" if self.gt is not None else ""
+        hi = f"<= {self.le!r}" if self.le is not None else f"< {self.lt!r}" if self.lt is not None else ""
+        if lo and hi:
+            left, bottom = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+            close, top = ("]", self.le) if self.le is not None else (")", self.lt)
+            text = f"in {left}{bottom!r}, {top!r}{close}"
+        else:
+            text = lo or hi or "a finite number"
+        return " or ".join([*(f"{a!r}" for a in self.also), text])
+
+    def allows(self, v: Any) -> bool:
+        if self.choices is not None:
+            return v in self.choices
+        if v in self.also:
+            return True
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise ConfigError naming ``key`` unless ``value`` (or each of its items) is allowed."""
+        if value is None:
+            return
+        if isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                self.check(f"{key}[{i}]", v)
+            return
+        if not self.allows(value):
+            finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
+            raise ConfigError(f"{key}: must be {finite}{self.describe()}, got {value!r}")
+
+
+def bounded(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **limits: Any) -> Any:
+    """``dataclasses.field`` with a declared :class:`Range` (keywords ``ge gt le lt also choices``), e.g.
+    ``batch_size: int = bounded(64, ge=1)``."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={RANGE_KEY: Range(**limits)})
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    return f.metadata.get(RANGE_KEY)
 
 
 def _type_name(tp: Any) -> str:
@@ -107,7 +178,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         )
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = coerce(hints[name], value, key)
+        rng = field_range(fields[name])
+        if rng is not None:
+            rng.check(key, kwargs[name])
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -138,12 +213,43 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (plain YAML lets the last one win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicated key {key!r} on line {line} (first on line {seen[key]}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that raises ``yaml.YAMLError`` for a duplicated mapping key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str) -> dict:
+    """Read a YAML config file; ConfigError (naming the file) unless it is a readable text file holding a mapping
+    without duplicated keys."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file (e.g. configs/exp/dino_demo.yaml)")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            data = safe_load_unique(f.read()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file (not valid UTF-8); pass a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"config file {path}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -159,7 +265,9 @@ def parse_override(item: str) -> dict:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = safe_load_unique(raw) if raw != "" else ""
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"override {item!r}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw
     out: dict = {}
