@@ -115,8 +115,10 @@ def test_exp_configs_load(name):
 def test_distillation_variant_with_a_local_random_teacher(tmp_path):
     path = str(tmp_path / "teacher.pt")
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), path)
-    cfg = load_config("mvmr", [], TINY + ["ssl.representations=[]", "ssl.teacher.input_size=40",
-                                          f"ssl.teacher={{kind: timm, name: test_resnet, checkpoint: {path}}}"])
+    # scale 1: the random test_resnet's features are ~100x smaller than a trained teacher's, so the default clamp
+    # (1e-4 * 32**2 on squared distances) would flatten every distance and leave dCor undefined (NaN)
+    teacher = f"ssl.teacher={{kind: timm, name: test_resnet, checkpoint: {path}, scale: 1.0}}"
+    cfg = load_config("mvmr", [], TINY + ["ssl.representations=[]", "ssl.teacher.input_size=40", teacher])
     method = build_method(cfg).train()
     assert not method.frozen_teacher.net.training  # stays in eval mode under method.train()
     out = method(_views(), 2, CTX)
