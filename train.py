@@ -18,7 +18,9 @@ from runtime.cli_types import positive_int
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, help="SSL method: dino, scfs, ressl, resa, mvmr, intl, cw_rgp")
+    from methods import METHODS
+
+    p.add_argument("--method", required=True, choices=sorted(METHODS), help="SSL method (methods/<name>.py)")
     p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later files win)")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in train.out_dir) or a path")
     p.add_argument("--benchmark", action="store_true", help="measure loader / model step / end to end and exit")

@@ -34,9 +34,6 @@ PROTOCOLS: dict[str, dict] = {
     "cw_rgp": {"lr": 0.1, "batch_size": 1024, "schedule": "cosine", "optimizer": "lars"},
     "mvmr": {"lr": 1e-3, "batch_size": 256, "schedule": "cosine", "optimizer": "adam", "lr_scaling": "none"},
 }
-#: which preset ``protocol=auto`` uses for a checkpoint of each method (others: ressl)
-METHOD_PROTOCOL: dict[str, str] = {"dino": "dino", "scfs": "dino", "ressl": "ressl", "resa": "resa", "intl": "intl",
-                                   "cw_rgp": "cw_rgp", "mvmr": "mvmr"}
 
 
 @dataclass
@@ -109,7 +106,11 @@ def load_linear_config(method: str, files: list[str] | None = None, overrides: l
         merged = deep_merge(merged, layer)
     protocol = merged.get("protocol", "auto")
     if protocol == "auto":
-        protocol = METHOD_PROTOCOL.get(method, "ressl")
+        from methods import METHODS  # the method class names its official probe (SSLMethod.eval_protocol)
+
+        if method not in METHODS:
+            raise ConfigError(f"protocol=auto: unknown method {method!r}; allowed values: {', '.join(sorted(METHODS))}")
+        protocol = METHODS[method].eval_protocol
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol: unknown preset {protocol!r}; allowed values: auto, {', '.join(PROTOCOLS)}")
     merged = deep_merge({**PROTOCOLS[protocol], "protocol": protocol}, merged)

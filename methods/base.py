@@ -58,6 +58,9 @@ class SSLMethod(nn.Module):
     Config: ClassVar[type]
     #: which weights evaluation uses by default ("teacher" for DINO/SCFS/ReSSL-style EMA methods)
     eval_weights: ClassVar[str] = "student"
+    #: the linear-probe preset of ``evaluation.config.PROTOCOLS`` that ``eval.py linear`` uses for this method
+    #: (``protocol=auto``); every method names its own: there is no fallback
+    eval_protocol: ClassVar[str]
 
     student: nn.Module
     teacher: nn.Module | None

@@ -63,6 +63,7 @@ class CWRGPConfig:
 class CWRGP(SSLMethod):
     Config = CWRGPConfig
     eval_weights = "student"
+    eval_protocol = "cw_rgp"  # CW-RGP lincls.py
 
     def __init__(self, cfg):
         super().__init__()

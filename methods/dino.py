@@ -61,6 +61,7 @@ def build_dino_student(cfg) -> BackboneWithHead:
 class DINO(SSLMethod):
     Config = DINOConfig
     eval_weights = "teacher"  # DINO evaluates the teacher (--checkpoint_key teacher)
+    eval_protocol = "dino"  # DINO's eval_linear.py
 
     def __init__(self, cfg):
         super().__init__()

@@ -74,6 +74,7 @@ def embed_views(net: BackboneWithHead, views: list[torch.Tensor], per_view: bool
 class INTL(SSLMethod):
     Config = INTLConfig
     eval_weights = "student"  # upstream evaluates the online backbone (module.backbone.*)
+    eval_protocol = "intl"  # INTL evaluate.py
 
     def __init__(self, cfg):
         super().__init__()

@@ -89,6 +89,7 @@ def unaugmented_problems(view) -> list[str]:
 class MVMR(SSLMethod):
     Config = MVMRConfig
     eval_weights = "student"  # one encoder, no EMA; the official probe reads h of the student
+    eval_protocol = "mvmr"  # MV-MR --retrain
 
     def __init__(self, cfg):
         super().__init__()

@@ -89,6 +89,7 @@ def build_resa_net(cfg) -> ReSANet:
 class ReSA(SSLMethod):
     Config = ReSAConfig
     eval_weights = "teacher"  # the official linear probe and kNN load the momentum encoder
+    eval_protocol = "resa"  # ReSA eval_linear.py
 
     def __init__(self, cfg):
         super().__init__()

@@ -79,6 +79,7 @@ def expected_world_size() -> int:
 class ReSSL(SSLMethod):
     Config = ReSSLConfig
     eval_weights = "student"  # the official linear probe loads encoder_q (the student)
+    eval_protocol = "ressl"  # ReSSL linear_eval.py
 
     def __init__(self, cfg):
         super().__init__()

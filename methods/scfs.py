@@ -51,6 +51,7 @@ class SCFSConfig(DINOConfig):
 class SCFS(DINO):
     Config = SCFSConfig
     eval_weights = "teacher"  # SCFS evaluates the teacher backbone (--checkpoint_key teacher)
+    eval_protocol = "dino"  # SCFS evaluates with DINO's eval_linear.py
 
     def __init__(self, cfg):
         super().__init__(cfg)  # student = self.build_student(cfg), teacher = its EMA copy, self.loss = DINOLoss
