@@ -27,7 +27,7 @@ $(STAMP): requirements.txt | sysdeps
 
 ## demo: built-in dataset -> DINO (then INTL) pretraining on the CPU -> kNN (pretrained vs random init) + images/s
 demo: setup
-	$(PY) -m pipeline.demo_dataset --out data/demo
+	$(PY) -m pipeline.convert.demo_dataset --out data/demo
 	$(PY) convert_dataset.py --src data/demo/train --out data/demo --format both -q
 	$(PY) convert_dataset.py --src data/demo/val --out data/demo --format both -q \
 	  --class-index data/demo/ffcv/train.classes.json
@@ -49,6 +49,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache  # the layer contract of pyproject.toml
 
 clean-demo:
 	rm -rf runs/dino_demo runs/intl_demo

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""[0] Convert one ImageFolder split to an FFCV .beton and/or DALI webdataset shards (engine: pipeline/convert.py).
+"""[0] Convert one ImageFolder split to an FFCV .beton and/or DALI webdataset shards (pipeline/convert/build.py).
 
 Examples::
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.convert import convert
-from pipeline.scan import ConvertError
+from pipeline.convert.build import convert
+from pipeline.convert.scan import ConvertError
 from runtime.cli_types import nonneg_int, positive_float, ranged
 
 __all__ = ["convert", "main"]

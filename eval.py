@@ -87,8 +87,8 @@ def add_export_parser(sub) -> None:
 
 
 def _device(choice: str):
+    from engine.setup import pick_device
     from runtime import dist
-    from runtime.setup import pick_device
 
     device = pick_device(choice)
     dist.init_from_env(device.type)
@@ -97,7 +97,7 @@ def _device(choice: str):
 
 def _precision(choice: str, cfg, device) -> str:
     """'auto': the checkpoint's training precision on CUDA, fp32 on the CPU (no autocast speed-up there)."""
-    from runtime.setup import resolve_precision
+    from engine.setup import resolve_precision
 
     if choice != "auto":
         return choice
@@ -126,10 +126,10 @@ def _write_json(res: dict, out: str | None) -> None:
 
 
 def run_knn(args) -> dict:
+    from engine.setup import autocast_dtype
     from evaluation.knn_eval import knn_of_checkpoint
     from evaluation.load import load_backbone
     from evaluation.report import print_knn_table
-    from runtime.setup import autocast_dtype
 
     path = resolve_checkpoint(args.checkpoint)
     device = _device(args.device)
@@ -148,6 +148,7 @@ def run_knn(args) -> dict:
 
 
 def run_linear(args) -> dict:
+    from engine.setup import autocast_dtype
     from evaluation.config import load_linear_config
     from evaluation.eval_loaders import build_eval_split, build_probe_train_loader, check_same_classes
     from evaluation.knn_eval import frozen_for
@@ -155,7 +156,6 @@ def run_linear(args) -> dict:
     from evaluation.report import print_linear_summary
     from runtime import dist
     from runtime.config_loader import ConfigError
-    from runtime.setup import autocast_dtype
 
     t0 = time.perf_counter()
     path = resolve_checkpoint(args.checkpoint)

@@ -31,19 +31,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from engine.config import load_config
     from runtime.checkpoint import CheckpointError
-    from runtime.config import load_config
     from runtime.config_loader import ConfigError
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.method, args.config, overrides)
         if args.benchmark:
-            from runtime.benchmark import run_benchmark
+            from engine.benchmark import run_benchmark
 
             run_benchmark(cfg, args.steps)
             return 0
-        from runtime.trainer import Trainer
+        from engine.trainer import Trainer
 
         trainer = Trainer(cfg)
         trainer.fit()

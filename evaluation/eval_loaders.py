@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from runtime.config import DataConfig, ViewConfig
+from pipeline.config import DataConfig, ViewConfig
 from runtime.config_loader import ConfigError
 
 
@@ -106,10 +106,10 @@ class FolderSplit(EvalSplit):
 
 class BetonSplit(EvalSplit):
     def __init__(self, path: str, size: int, resize: int, workers: int, what: str):
-        import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+        import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
         from ffcv.reader import Reader
 
-        from pipeline.ffcv_loader import check_beton
+        from pipeline.load.ffcv_loader import check_beton
 
         try:
             check_beton(path)

@@ -12,14 +12,14 @@ import time
 import torch
 from torch import nn
 
+from engine.config import Config
+from engine.setup import seed_everything
 from evaluation.eval_loaders import build_eval_split, check_same_classes
 from evaluation.feature_cache import FeatureCache
 from evaluation.features import FrozenBackbone, embed_split
 from evaluation.knn import knn_accuracies
 from evaluation.load import load_backbone
 from methods import build_method
-from runtime.config import Config
-from runtime.setup import seed_everything
 
 
 def frozen_for(backbone: nn.Module, cfg: Config, device: torch.device,

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from engine.config import Config, config_from_dict
 from methods import build_method
 from runtime.checkpoint import CheckpointError, load_checkpoint
-from runtime.config import Config, config_from_dict
 from runtime.config_loader import ConfigError
 
 

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from runtime.config import ModelConfig
+from models.config import ModelConfig
 from runtime.config_loader import ConfigError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.config import ModelConfig
 from runtime import dist
-from runtime.config import ModelConfig
 from runtime.logging import log
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from optim.config import OptimConfig
 from optim.lars import LARS
 from optim.param_groups import split_decay_groups
 from optim.schedules import scaled_lr, warmup_cosine
-from runtime.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:

@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import torch
 
-from runtime.config import DataConfig
+from pipeline.config import DataConfig
 
 
 def build_loader(cfg: DataConfig, *, seed: int, rank: int, world_size: int, device: torch.device):
     """Dispatch on ``cfg.loader``. Returns an object with ``__len__`` and ``epoch_iter(epoch, start)``."""
     kwargs = dict(seed=seed, rank=rank, world_size=world_size, device=device)
     if cfg.loader == "torchvision":
-        from pipeline.torchvision_loader import TorchvisionLoader
+        from pipeline.load.torchvision_loader import TorchvisionLoader
 
         return TorchvisionLoader(cfg, **kwargs)
     if cfg.loader == "ffcv":
-        from pipeline.ffcv_loader import build_ffcv_loader
+        from pipeline.load.ffcv_loader import build_ffcv_loader
 
         return build_ffcv_loader(cfg, **kwargs)
     if cfg.loader == "dali":
-        from pipeline.dali_loader import build_dali_loader
+        from pipeline.load.dali_loader import build_dali_loader
 
         return build_dali_loader(cfg, **kwargs)
     raise ValueError(f"data.loader: unknown loader {cfg.loader!r}")

@@ -1,1 +1,2 @@
-"""Cross-cutting runtime pieces with no ML semantics: config, distributed helpers, checkpoints, logging."""
+"""Ground floor with no ML semantics: the strict config loader, the registry, distributed helpers, checkpoints,
+logging and process utilities. It imports nothing else of the project."""

@@ -217,7 +217,7 @@ def test_val_split_missing_a_class_warns(tmp_path):
 
 
 def _zeroed_beton(tmp_path: Path) -> str:
-    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+    import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.reader import Reader
 
     out = tmp_path / "z.beton"
@@ -232,9 +232,9 @@ def _zeroed_beton(tmp_path: Path) -> str:
 
 
 def test_zeroed_beton_is_refused_before_the_first_step(tmp_path):
-    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+    import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.reader import Reader
-    from pipeline.ffcv_loader import corrupt_jpeg_samples
+    from pipeline.load.ffcv_loader import corrupt_jpeg_samples
 
     path = _zeroed_beton(tmp_path)
     assert corrupt_jpeg_samples(Reader(path)).tolist() == [3, 4, 5]
@@ -248,7 +248,7 @@ def test_zeroed_beton_is_refused_before_the_first_step(tmp_path):
 
 
 def test_undecodable_batch_is_one_line(tmp_path):
-    from pipeline.ffcv_loader import split_views_checked
+    from pipeline.load.ffcv_loader import split_views_checked
     from runtime.config_loader import ConfigError
 
     sizes, total = [8], 3 * 8 * 8

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import train as train_cli
-from runtime.benchmark import verdict
+from engine.benchmark import verdict
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -43,7 +43,7 @@ def test_verdict_names_the_bottleneck(change, word):
 
 
 def test_fast_step_bench_runs_the_chosen_variants(tiny_folder, tmp_path, capsys):
-    from runtime import fast_step_bench
+    from benchmarks import fast_step as fast_step_bench
 
     out = tmp_path / "fast.json"
     rc = fast_step_bench.main(["--method", "dino", "--steps", "1", "--rounds", "2", "--json", str(out),

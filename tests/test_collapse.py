@@ -8,9 +8,9 @@ import pytest
 import timm
 import torch
 
-from runtime.collapse import CollapseMonitor, effective_rank, normalized_std
-from runtime.config import load_config
-from runtime.trainer import Trainer
+from engine.collapse import CollapseMonitor, effective_rank, normalized_std
+from engine.config import load_config
+from engine.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES
 
 

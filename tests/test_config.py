@@ -2,7 +2,7 @@
 
 import pytest
 
-from runtime.config import load_config
+from engine.config import load_config
 from runtime.config_loader import ConfigError
 
 

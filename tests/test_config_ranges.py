@@ -13,9 +13,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.config import Config, load_config
 from evaluation.config import LinearConfig, load_linear_config
 from methods import METHODS
-from runtime.config import Config, load_config
 from runtime.config_loader import ConfigError, Range, bounded, field_range, to_dict
 
 # ------------------------------------------------------------------------------------------------ the field tree
@@ -206,7 +206,7 @@ def _valid_assignment(draw):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(_valid_assignment())
 def test_valid_random_values_run_one_step(tiny_folder, values):
-    from runtime.trainer import Trainer
+    from engine.trainer import Trainer
     from tests.conftest import TINY_OVERRIDES
 
     view = {k.rsplit(".", 1)[1]: v for k, v in values.items() if k.startswith("data.views")}

@@ -4,9 +4,9 @@ the suite ~20x slower on a CI machine without AMX), and the run records the valu
 import torch
 import yaml
 
-from runtime import setup
-from runtime.config import load_config
-from runtime.trainer import Trainer
+from engine import setup
+from engine.config import load_config
+from engine.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES
 
 CPU = torch.device("cpu")

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
+from engine.config import load_config
+from engine.trainer import Trainer
 from runtime import checkpoint as ckpt
-from runtime.config import load_config
-from runtime.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES
 
 

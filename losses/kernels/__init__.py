@@ -5,7 +5,7 @@ path on CPU) or the reference tensor functions, which stay the documented defini
 ``FLASHSSL_FUSED`` (``0``/``1``) overrides the default; ``set_fused()`` overrides both (tests, benchmarks).
 
 Default: off. The reference is kept as the default until a measured speed-up is shown on the target device
-(see ``docs/kernels.md`` and ``python -m losses.kernels.bench``). ReSA, INTL, CW-RGP and MV-MR ask
+(see ``docs/kernels.md`` and ``python -m benchmarks.kernels``). ReSA, INTL, CW-RGP and MV-MR ask
 ``fused_for(loss, device)``, which also keeps a loss on its reference on CPU where the compiled path was measured
 not faster (``CPU_REFERENCE_FASTER``).
 """

@@ -19,9 +19,9 @@ EVAL_OVERRIDES = [*TINY_OVERRIDES, "data.eval_size=32", "eval.batch_size=16"]
 
 def save_tiny_checkpoint(path: str, method: str = "dino", overrides: list[str] | None = None, seed: int = 0) -> str:
     """Build a method from the tiny config and save it in the trainer's checkpoint format (no training needed)."""
+    from engine.config import config_to_dict, load_config
     from methods import build_method
     from runtime.checkpoint import atomic_save
-    from runtime.config import config_to_dict, load_config
 
     cfg = load_config(method, [], EVAL_OVERRIDES + list(overrides or []))
     torch.manual_seed(seed)
@@ -37,7 +37,7 @@ def write_beton(folder: str, out: str) -> str:
     from ffcv.writer import DatasetWriter
     from torchvision.datasets import ImageFolder
 
-    from pipeline.write_ffcv import run_ffcv_writer
+    from pipeline.convert.write_ffcv import run_ffcv_writer
 
     ds = ImageFolder(folder)
 

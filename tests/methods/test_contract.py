@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
+from engine.config import load_config
 from evaluation.config import PROTOCOLS
 from methods import METHODS, StepContext, build_method
-from runtime.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 B = 8

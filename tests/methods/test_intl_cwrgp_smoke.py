@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.config import load_config
 from methods import StepContext, build_method
 from optim.schedules import ema_momentum
-from runtime.config import load_config
 from runtime.config_loader import ConfigError
 
 VIEW = "{role: global, size: 32, blur_p: 0.0}"

@@ -11,12 +11,12 @@ import os
 import pytest
 import torch
 
+from engine.config import CONFIG_DIR, load_config
+from engine.setup import seed_everything
+from engine.trainer import Trainer
 from evaluation.knn_eval import knn_of_backbone
 from methods import METHODS, build_method
-from pipeline.demo_dataset import ensure_demo_dataset
-from runtime.config import CONFIG_DIR, load_config
-from runtime.setup import seed_everything
-from runtime.trainer import Trainer
+from pipeline.convert.demo_dataset import ensure_demo_dataset
 from tests.conftest import ROOT
 
 #: method -> (epochs, asserted margin in kNN points over random init). Measured with this test's exact settings on

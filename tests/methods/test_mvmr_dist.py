@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from engine.config import load_config
 from methods import StepContext, build_method
-from runtime.config import load_config
 from tests.dist_helpers import run_distributed
 
 B = 4  # per rank

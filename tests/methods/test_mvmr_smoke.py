@@ -8,9 +8,9 @@ import pytest
 import timm
 import torch
 
+from engine.config import CONFIG_DIR, load_config
 from methods import StepContext, build_method
 from optim.build import apply_schedules, build_optimizer
-from runtime.config import CONFIG_DIR, load_config
 from runtime.config_loader import ConfigError
 
 VIEWS = ("data.views=[{role: global, size: 32, scale: [1.0, 1.0], ratio: [1.0, 1.0], flip_p: 0.0, jitter_p: 0.0, "

@@ -98,8 +98,8 @@ def test_shuffle_bn_returns_own_rows_computed_in_random_shards():
 
 
 def _method_worker(rank, world_size, tmpdir, views_all):
+    from engine.config import load_config
     from methods import StepContext, build_method
-    from runtime.config import load_config
 
     torch.manual_seed(100 + rank)  # different init per rank: the queue must still agree (seeded init)
     cfg = load_config("ressl", [], ["model.backbone=resnet18", "ssl.queue_size=16", "ssl.proj_hidden_dim=16",

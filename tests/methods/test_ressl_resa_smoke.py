@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from engine.config import load_config
 from methods import StepContext, build_method
-from runtime.config import load_config
 from runtime.config_loader import ConfigError
 
 STRONG = "jitter_p: 0.8, grayscale_p: 0.2, blur_p: 0.5"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import methods.scfs as scfs_module
+from engine.config import load_config
 from methods import StepContext, build_method
-from runtime.config import load_config
 from runtime.config_loader import ConfigError
 
 TINY = ["model.backbone=resnet18", "ssl.out_dim=64", "ssl.hidden_dim=32", "ssl.bottleneck_dim=16",

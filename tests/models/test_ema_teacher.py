@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from models.backbone import build_backbone
+from models.config import ModelConfig
 from models.ema import make_teacher
-from runtime.config import ModelConfig
 
 
 def test_teacher_of_vit_with_drop_path_is_deterministic_in_train_mode():

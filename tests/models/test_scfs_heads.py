@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from models.backbone import build_backbone
+from models.config import ModelConfig
 from models.heads import DINOHead
 from models.scfs_heads import DINOShallowHead, SCFSNet, stage_indices
-from runtime.config import ModelConfig
 
 
 def test_shallow_head_is_residual_bottleneck_then_normalised_mlp():

@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench`` runs end to end on tiny data and reports a well-formed table and JSON (no timing)."""
+"""``python -m benchmarks.loader`` runs end to end on tiny data and reports a well-formed table and JSON (no timing)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("ffcv")
 pytest.importorskip("nvidia.dali")
 
-from pipeline import bench  # noqa: E402
+from benchmarks import loader as bench  # noqa: E402
 
 
 @pytest.mark.slow

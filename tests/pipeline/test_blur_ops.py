@@ -1,4 +1,4 @@
-"""Direct per-sample Gaussian blur (pipeline/blur_ops.py): exactness vs float64 / torchvision / the convolution,
+"""Direct per-sample Gaussian blur (pipeline/augment/blur_ops.py): exactness vs float64 / torchvision / the convolution,
 in-place selection, independence of the batch and thread count, sigma distribution through DeviceAugment."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from pipeline import augment_ops as ops
-from pipeline import blur_ops
+from pipeline.augment import augment_ops as ops
+from pipeline.augment import blur_ops
+from pipeline.augment.gpu_augment import DeviceAugment, sample_params
 from pipeline.batch import Batch
-from pipeline.gpu_augment import DeviceAugment, sample_params
-from runtime.config import ViewConfig
+from pipeline.config import ViewConfig
 from tests.pipeline.naive_ops import naive_blur
 
 pytest.importorskip("numba")

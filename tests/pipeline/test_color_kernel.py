@@ -1,4 +1,4 @@
-"""CPU kernel of the exact colour stage (pipeline/color_kernel.py): per-image parity with torchvision's float ops in
+"""CPU kernel of the exact colour stage (augment/color_kernel.py): per-image parity with torchvision's float ops in
 each sample's random order (strong factors, hue up to 0.5), disabled ops, grayscale, layout, independence of the
 batch and the thread count."""
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from pipeline.gpu_augment import sample_params
-from runtime.config import ViewConfig
+from pipeline.augment.gpu_augment import sample_params
+from pipeline.config import ViewConfig
 
 pytest.importorskip("numba")
-from pipeline import color_kernel  # noqa: E402
+from pipeline.augment import color_kernel  # noqa: E402
 
 TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 

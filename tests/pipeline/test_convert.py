@@ -1,4 +1,4 @@
-"""convert_dataset.py / pipeline.convert: round trips through FFCV and DALI, bad inputs, atomicity, caching."""
+"""convert_dataset.py / pipeline.convert.build: round trips through FFCV and DALI, bad inputs, atomicity, caching."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.convert import convert
-from pipeline.scan import ConvertError
-from pipeline.write_dali import read_index
+from pipeline.convert.build import convert
+from pipeline.convert.scan import ConvertError
+from pipeline.convert.write_dali import read_index
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,7 +184,7 @@ def visible_and_hidden(d: Path) -> tuple[list[str], list[str]]:
 
 
 def test_interrupted_conversion_leaves_no_output(good_tree, tmp_path, monkeypatch):
-    import pipeline.convert as conv
+    import pipeline.convert.build as conv
 
     calls = {"n": 0}
     real = conv.read_and_prepare
@@ -203,7 +203,7 @@ def test_interrupted_conversion_leaves_no_output(good_tree, tmp_path, monkeypatc
 
 
 def test_dali_interrupted_while_writing_shards(good_tree, tmp_path, monkeypatch):
-    import pipeline.write_dali as wd
+    import pipeline.convert.write_dali as wd
 
     real, calls = wd._add_member, {"n": 0}
 
@@ -228,7 +228,7 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
     import signal
     import time
 
-    import pipeline.write_ffcv as wf
+    import pipeline.convert.write_ffcv as wf
 
     handler = signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
     saved = signal.signal(signal.SIGINT, handler)
@@ -262,7 +262,7 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
 def test_full_disk_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
     """A disk filling up under ffcv's writer process (seen in CI: the machine's disk is shared) must end the
     conversion with an error that names the output and the space left, and leave no partial output behind."""
-    import pipeline.write_ffcv as wf
+    import pipeline.convert.write_ffcv as wf
 
     small = tmp_path / "small"
     small.mkdir()
@@ -287,7 +287,7 @@ def test_full_disk_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
 KILL_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import pipeline.write_dali as wd
+import pipeline.convert.write_dali as wd
 real = wd.write_shards
 def slow(out_dir, *args):
     shards = real(out_dir, *args)
@@ -322,7 +322,7 @@ def test_killed_conversion_then_rerun(good_tree, tmp_path):
 
 
 def test_failed_rebuild_keeps_previous_ffcv_output(good_tree, tmp_path, monkeypatch):
-    import pipeline.write_ffcv as wf
+    import pipeline.convert.write_ffcv as wf
 
     out = tmp_path / "r.beton"
     convert(str(good_tree.root), str(out), workers=1, progress=False)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.scan as scan
+import pipeline.convert.scan as scan
 from convert_dataset import main
-from pipeline.convert import convert
-from pipeline.scan import ConvertError
+from pipeline.convert.build import convert
+from pipeline.convert.scan import ConvertError
 from tests.pipeline.test_convert import REPO, assert_close, beton_samples, decode, samples_tsv
 
 

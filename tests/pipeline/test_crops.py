@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from pipeline.crops import crop_resize_uint8, sample_rrc, sample_rrc_batch, sample_rrc_nb
+from pipeline.load.crops import crop_resize_uint8, sample_rrc, sample_rrc_batch, sample_rrc_nb
 
 H, W = 300, 400  # non-square source: the ratio range matters relative to the image, not only to the crop
 SCALE, RATIO = (0.05, 0.4), (3 / 4, 4 / 3)

@@ -12,9 +12,9 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline.dali_loader import ShardIndex, build_dali_loader  # noqa: E402
-from pipeline.ffcv_loader import shard_indices  # noqa: E402
-from runtime.config import DataConfig, ViewConfig  # noqa: E402
+from pipeline.config import DataConfig, ViewConfig  # noqa: E402
+from pipeline.load.dali_loader import ShardIndex, build_dali_loader  # noqa: E402
+from pipeline.load.ffcv_loader import shard_indices  # noqa: E402
 from runtime.config_loader import ConfigError  # noqa: E402
 from tests.pipeline.test_ffcv_loader import (  # noqa: E402
     N_IMAGES,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo_dataset import CLASSES, ensure_demo_dataset, main
+from pipeline.convert.demo_dataset import CLASSES, ensure_demo_dataset, main
 
 TINY = {"n_classes": 10, "train_per_class": 6, "val_per_class": 2, "size": 48}
 
@@ -108,7 +108,7 @@ def test_raw_thumbnail_knn_is_near_chance(tmp_path):
 
 
 def test_grey_levels_are_apart_and_in_range():
-    from pipeline.demo_dataset import MIN_CONTRAST, _grey_levels
+    from pipeline.convert.demo_dataset import MIN_CONTRAST, _grey_levels
 
     rng = np.random.default_rng(0)
     draws = np.array([_grey_levels(rng, 3) for _ in range(2000)])

@@ -16,8 +16,8 @@ from PIL import Image
 
 pytest.importorskip("ffcv")
 
-from pipeline.ffcv_loader import _quasi_random_order, build_ffcv_loader, shard_indices  # noqa: E402
-from runtime.config import DataConfig, ViewConfig  # noqa: E402
+from pipeline.config import DataConfig, ViewConfig  # noqa: E402
+from pipeline.load.ffcv_loader import _quasi_random_order, build_ffcv_loader, shard_indices  # noqa: E402
 from runtime.config_loader import ConfigError  # noqa: E402
 
 N_IMAGES = 24
@@ -60,7 +60,7 @@ def source_ids(samples_tsv: str) -> np.ndarray:
 
 
 def convert_quiet(src: Path, out: Path, fmt: str) -> None:
-    from pipeline.convert import convert
+    from pipeline.convert.build import convert
 
     convert(str(src), str(out), fmt, workers=1, progress=False, log=lambda _: None)
 
@@ -141,7 +141,7 @@ def test_sharding_two_ranks(betons):
 
 
 def test_order_matches_torchvision_loader():
-    tv = pytest.importorskip("pipeline.torchvision_loader")
+    tv = pytest.importorskip("pipeline.load.torchvision_loader")
     for rank in range(2):
         sampler = tv.EpochSampler(50, 4, 7, rank, 2)
         assert shard_indices(50, 4, 7, 3, rank, 2).tolist() == sampler.indices(3)
@@ -272,7 +272,7 @@ def test_sharding_under_gloo(betons):
 
 
 def test_counter_rng_streams_are_uniform_and_independent():
-    from pipeline.ffcv_decode import CounterRNG, epoch_key, view_key
+    from pipeline.load.ffcv_decode import CounterRNG, epoch_key, view_key
 
     ekey = epoch_key(0, 0)
     rng = CounterRNG(np.uint64(view_key(ekey, np.uint64(5), np.uint64(0))))
@@ -291,7 +291,7 @@ def test_resize_kernel_is_opencv_inter_area():
     """The docstrings promise INTER_AREA (antialiased when shrinking); check FFCV's C resize really is that."""
     import cv2
 
-    from pipeline.ffcv_decode import _resize_c
+    from pipeline.load.ffcv_decode import _resize_c
 
     img = np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8)
     for s in (40, 200):  # shrink and enlarge
@@ -304,8 +304,8 @@ THREADS_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
 torch.set_num_threads(2)
-from pipeline.ffcv_loader import build_ffcv_loader
-from runtime.config import DataConfig, ViewConfig
+from pipeline.load.ffcv_loader import build_ffcv_loader
+from pipeline.config import DataConfig, ViewConfig
 cfg = DataConfig(loader="ffcv", train_path={path!r}, batch_size=4, workers=2, views=[ViewConfig("global", 2, 40)])
 loader = build_ffcv_loader(cfg, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
 after_build = torch.get_num_threads()

@@ -12,10 +12,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
-from pipeline import augment_ops as ops
+from pipeline.augment import augment_ops as ops
+from pipeline.augment.gpu_augment import DeviceAugment, sample_params
 from pipeline.batch import Batch
-from pipeline.gpu_augment import DeviceAugment, sample_params
-from runtime.config import DataConfig, ViewConfig, dino_views
+from pipeline.config import DataConfig, ViewConfig, dino_views
 from tests.pipeline.naive_ops import naive_blur
 
 ID_MEAN, ID_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # normalisation off: outputs are the [0, 1] images

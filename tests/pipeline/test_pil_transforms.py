@@ -11,15 +11,15 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
+from pipeline.augment.gpu_augment import DeviceAugment
 from pipeline.batch import Batch
-from pipeline.gpu_augment import DeviceAugment
-from pipeline.pil_transforms import (
+from pipeline.config import DataConfig, ViewConfig, dino_views
+from pipeline.load.pil_transforms import (
     RandomGaussianBlurPIL,
     RandomSolarizePIL,
     build_eval_transform,
     build_pil_view_transform,
 )
-from runtime.config import DataConfig, ViewConfig, dino_views
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -14,16 +14,16 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from engine.collapse import CollapseMonitor
+from engine.config import Config, config_from_dict, config_to_dict
+from engine.setup import autocast_ctx, make_augment, pick_device, resolve_precision, seed_everything
 from methods import StepContext, build_method
 from models.parallelize import parallelize, unwrap
 from optim.build import apply_schedules, build_optimizer, cancel_last_layer_grads, clip_gradients
 from pipeline import build_loader
 from runtime import checkpoint as ckpt
 from runtime import dist
-from runtime.collapse import CollapseMonitor
-from runtime.config import Config, config_from_dict, config_to_dict
 from runtime.logging import MetricLogger, Throughput, log
-from runtime.setup import autocast_ctx, make_augment, pick_device, resolve_precision, seed_everything
 
 
 class NonFiniteLossError(RuntimeError):

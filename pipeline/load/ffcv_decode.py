@@ -2,7 +2,7 @@
 
 :class:`MultiCropDecoder` is an FFCV ``Operation`` for the ``image`` field (``RGBImageField``, jpg or raw). It decodes
 each sample's JPEG **once** into a scratch buffer and cuts all V views from it: a torchvision-semantics
-RandomResizedCrop box (:data:`pipeline.crops.sample_rrc_nb`), OpenCV ``INTER_AREA`` resize (antialiased when
+RandomResizedCrop box (:data:`pipeline.load.crops.sample_rrc_nb`), OpenCV ``INTER_AREA`` resize (antialiased when
 shrinking), then a horizontal flip with the view's ``flip_p``. Stock FFCV decodes again for every view, which is the
 dominant cost of a multi-crop recipe (JPEG time is entropy decoding; ``docs/performance.md``).
 
@@ -16,7 +16,7 @@ so crops do not depend on threads, batches, workers or ranks. The (seed, epoch) 
 through a raw pointer at every batch, because FFCV freezes closure constants when it compiles.
 """
 
-from __future__ import annotations  # noqa: I001  (pipeline.ffcv_import must precede the ffcv imports)
+from __future__ import annotations  # noqa: I001  (pipeline.load.ffcv_import must precede the ffcv imports)
 
 import ctypes
 from collections.abc import Callable, Sequence
@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import pipeline.ffcv_import  # noqa: F401  (before ffcv: keeps torch's threads)
+import pipeline.load.ffcv_import  # noqa: F401  (before ffcv: keeps torch's threads)
 from ffcv import _libffcv
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.pipeline.allocation_query import AllocationQuery
@@ -34,7 +34,7 @@ from ffcv.pipeline.state import State
 from numba import njit, prange, uint64
 from numba.experimental import jitclass
 
-from pipeline.crops import sample_rrc_nb
+from pipeline.load.crops import sample_rrc_nb
 
 _LIB = ctypes.CDLL(_libffcv.__file__)
 _memcpy_c = _LIB.my_memcpy  # (source, destination, n_bytes); callable from numba and from Python

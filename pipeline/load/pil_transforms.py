@@ -8,7 +8,7 @@ One transform per view (``DataConfig.expanded_views()``), in the DINO/BYOL order
     -> ToTensor -> Normalize(mean, std)
 
 ``crop_only=True`` keeps only crop + flip and returns uint8 CHW tensors: the fast path of the baseline loader, where
-:class:`pipeline.gpu_augment.DeviceAugment` does the rest batched on the device.
+:class:`pipeline.augment.gpu_augment.DeviceAugment` does the rest batched on the device.
 
 Randomness comes from torch's global RNG (``torch.rand``), which the loader reseeds per sample, so results do not
 depend on the number of workers. Blur/solarize follow DINO's ``GaussianBlur``/``Solarization`` semantics (PIL
@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from runtime.config import ViewConfig
+from pipeline.config import ViewConfig
 
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 

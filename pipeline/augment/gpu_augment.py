@@ -11,10 +11,10 @@ each view's recipe (``ViewConfig``) on the batch's device, in DINO/BYOL order::
   which op comes first) is known without a device sync, draws do not depend on the device, and with ``step`` given
   they are a pure function of ``(seed, step)`` (resume needs no state). Under DDP pass ``seed + rank``.
 * Colour jitter: ``jitter_impl="exact"`` (torchvision float semantics, HSV hue) or ``"fused"`` (one per-sample affine
-  colour map from uint8 in one matmul; deviation in :func:`pipeline.augment_ops.jitter_matrices`).
+  colour map from uint8 in one matmul; deviation in :func:`pipeline.augment.augment_ops.jitter_matrices`).
 * ``compile=True`` runs the elementwise stages through ``torch.compile`` (fixed shapes, per-sample masks).
 * CPU batches (``cpu_impl="kernel"``) use numba kernels with the same results to float32 rounding
-  (:mod:`pipeline.color_kernel`, :mod:`pipeline.blur_ops`); ``"torch"`` (and every other device) the torch ops.
+  (``color_kernel``, ``blur_ops``); ``"torch"`` (and every other device) the torch ops.
 * Views are stacked into one contiguous NCHW uint8 tensor first. Costs per batch: ``docs/performance.md``.
 """
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from pipeline import augment_ops as ops
-from pipeline import blur_ops, color_kernel
+from pipeline.augment import augment_ops as ops
+from pipeline.augment import blur_ops, color_kernel
 from pipeline.batch import Batch
-from runtime.config import ViewConfig
+from pipeline.config import ViewConfig
 
 
 @dataclass

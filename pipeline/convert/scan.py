@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.scan_checks import link_problem, load_class_index, missing_classes_warning, name_problem, printable
+from pipeline.convert.scan_checks import (
+    link_problem,
+    load_class_index,
+    missing_classes_warning,
+    name_problem,
+    printable,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # reencode="auto" keeps a fitting source JPEG unless re-encoding at jpeg_quality makes it >10% smaller.
@@ -104,7 +110,7 @@ def _load_class_index(path: str) -> dict[str, int]:
 
 def _walk_class_dir(root: str, cls: str, skipped: list[Skip], follow_links: bool) -> list[str]:
     """All files under ``root/cls`` (recursive, sorted), relative to ``root``. Directory symlinks are followed only
-    when :func:`pipeline.scan_checks.link_problem` allows it, and each real folder is scanned once (no loops)."""
+    when :func:`scan_checks.link_problem` allows it, and each real folder is scanned once (no loops)."""
     out, root_real = [], os.path.realpath(root)
     class_real = os.path.realpath(os.path.join(root, cls))
     visited = {class_real}
@@ -214,7 +220,7 @@ def scan_image_folder(src: str, file_list: str | None = None, class_index: str |
             written for the train split) to keep labels identical across splits. Every class needs its own
             non-negative index; classes of the index without a folder in ``src`` are named in ``warnings``.
         follow_links: also follow symlinks that point out of ``src`` (links into another class folder, and loops,
-            are never followed; see :mod:`pipeline.scan_checks`).
+            are never followed; see :mod:`pipeline.convert.scan_checks`).
 
     Returns:
         The :class:`Listing`; labels follow ``class_to_idx`` (default: sorted class folder names -> 0..C-1).

@@ -1,6 +1,6 @@
 """[1] DALI multi-crop loader: webdataset shards -> decode once per image -> one RandomResizedCrop branch per view.
 
-Same interface as :mod:`pipeline.ffcv_loader` (``epoch_iter(epoch, start)`` yields :class:`Batch` with V uint8
+Same interface as :mod:`pipeline.load.ffcv_loader` (``epoch_iter(epoch, start)`` yields :class:`Batch` with V uint8
 (B, 3, S_v, S_v) views). :func:`multicrop_graph` builds one graph for both devices (``"gpu"``: nvJPEG ``mixed``
 decode and GPU crops; ``"cpu"``: the same operators, so the CPU tests cover the GPU graph's code)::
 
@@ -9,7 +9,7 @@ decode and GPU crops; ``"cpu"``: the same operators, so the CPU tests cover the 
                                            +-> ...                                              -> output V-1
 
 * Input: the shards of ``convert_dataset.py --format dali``; an ``external_source`` slices the memory-mapped tars in
-  the order of :func:`pipeline.ffcv_loader.shard_indices`, because ``fn.readers.webdataset`` shuffles with a
+  the order of :func:`pipeline.load.ffcv_loader.shard_indices`, because ``fn.readers.webdataset`` shuffles with a
   streaming buffer and gives ranks unequal shards, and the interface needs an order that depends only on
   (seed, epoch), equal batch counts per rank and a restart at batch ``start``.
 * Decode once, crop V times: cheaper than one ROI decode per view (``docs/performance.md``).
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch
-from pipeline.ffcv_loader import batches_per_rank, shard_indices
-from runtime.config import DataConfig, ViewConfig
+from pipeline.config import DataConfig, ViewConfig
+from pipeline.load.ffcv_loader import batches_per_rank, shard_indices
 from runtime.config_loader import ConfigError
 
 

@@ -1,6 +1,6 @@
 """Expected GPU throughput from a FLOP count of the configured training step.
 
-    python -m runtime.cost_model --method dino --config configs/exp/dino_in1k.yaml
+    python -m benchmarks.cost_model --method dino --config configs/exp/dino_in1k.yaml
 
 Counts the FLOPs of one real training step (student forward + backward over every crop, teacher forward, heads and
 loss) with ``torch.utils.flop_counter.FlopCounterMode`` on the CPU at a small batch, scales to one image, and turns
@@ -16,8 +16,8 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.config import Config, load_config
 from methods import StepContext, build_method
-from runtime.config import Config, load_config
 
 # dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, without sparsity)
 PEAKS = {"A100 (SXM, bf16)": 312e12, "H100 (SXM, bf16)": 989e12}

@@ -1,6 +1,6 @@
 """Exact colour stage on the CPU in one kernel: uint8 -> float + random-order ColorJitter + grayscale (stage [2]).
 
-Same semantics as :func:`pipeline.augment_ops.color_jitter_exact` followed by grayscale (torchvision float ops: clamp
+Same semantics as :func:`augment_ops.color_jitter_exact` followed by grayscale (torchvision float ops: clamp
 after every op, contrast against the mean luma of the image *at that point of the sequence*, exact HSV hue), computed
 row by row per sample so that every intermediate stays in L1 cache instead of going through memory once per op:
 

@@ -1,8 +1,8 @@
 """[0] ImageFolder split -> FFCV ``.beton`` and/or DALI webdataset shards: the engine of ``convert_dataset.py``.
 
-Flow: :func:`pipeline.scan.scan_image_folder` lists the split -> every image is decoded, colour-converted, shrunk and
-JPEG-encoded once in a process pool (:func:`pipeline.scan.read_and_prepare`) and appended to a temporary spool file
--> each requested format is written from the spool (:mod:`pipeline.write_ffcv`, :mod:`pipeline.write_dali`), so
+Flow: :func:`scan.scan_image_folder` lists the split -> every image is decoded, colour-converted, shrunk and
+JPEG-encoded once in a process pool (:func:`scan.read_and_prepare`) and appended to a temporary spool file
+-> each requested format is written from the spool (``write_ffcv``, ``write_dali``), so
 ``both`` costs one decode/encode pass.
 
 Output naming (``--out``):
@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pipeline.scan import (
+from pipeline.convert.scan import (
     ConvertError,
     Listing,
     Prepared,
@@ -48,7 +48,7 @@ from pipeline.scan import (
     read_and_prepare,
     scan_image_folder,
 )
-from pipeline.scan_checks import check_writable
+from pipeline.convert.scan_checks import check_writable
 from runtime.procs import pid_alive
 
 FORMAT_VERSION = 1
@@ -254,7 +254,7 @@ def _manifest(target: Target, settings: dict, listing: Listing, samples: Spooled
 def finalize_ffcv(target: Target, samples: SpooledSamples, listing: Listing, progress: bool,
                   meta: Callable[[dict[str, int]], dict]) -> None:
     """Write the .beton + sidecars under temporary names, rename them into place, manifest last."""
-    from pipeline.write_ffcv import write_beton
+    from pipeline.convert.write_ffcv import write_beton
 
     parent, pid = os.path.dirname(target.path), os.getpid()
     finals = [target.sidecar("classes.json"), target.sidecar("samples.tsv"), target.path]  # .beton renamed last
@@ -279,7 +279,7 @@ def finalize_ffcv(target: Target, samples: SpooledSamples, listing: Listing, pro
 def finalize_dali(target: Target, samples: SpooledSamples, listing: Listing, shard_bytes: int, seed: int,
                   progress: bool, meta: Callable[[dict[str, int]], dict]) -> None:
     """Build the shard directory under a temporary name (manifest last inside it) and rename it into place."""
-    from pipeline.write_dali import write_shards
+    from pipeline.convert.write_dali import write_shards
 
     parent, name, pid = os.path.dirname(target.path), os.path.basename(target.path), os.getpid()
     tmp, old = os.path.join(parent, f".{name}.tmp-{pid}"), os.path.join(parent, f".{name}.old-{pid}")
@@ -352,8 +352,8 @@ def convert(src: str, out: str, format: str = "ffcv", *, file_list: str | None =
         src: split directory (``<src>/<class>/<image>``).
         out: output path (``.beton`` for ffcv, a directory for dali, a root directory for both).
         format: 'ffcv' | 'dali' | 'both'.
-        file_list, class_index, follow_links: see :func:`pipeline.scan.scan_image_folder`.
-        max_side, short_side, jpeg_quality, reencode, exif_transpose: see :class:`pipeline.scan.PrepareParams`.
+        file_list, class_index, follow_links: see :func:`scan.scan_image_folder`.
+        max_side, short_side, jpeg_quality, reencode, exif_transpose: see :class:`pipeline.convert.scan.PrepareParams`.
         shard_mb: dali shard size in MiB.
         seed: seed of the dali storage permutation.
         workers: processes for decoding/encoding (None or 0 = all cores; 1 = in-process).

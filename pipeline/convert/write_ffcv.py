@@ -1,9 +1,9 @@
-"""[0] Write prepared samples (:class:`pipeline.scan.SpooledSamples`) to an FFCV ``.beton`` with ffcv's writer.
+"""[0] Write prepared samples (:class:`pipeline.convert.scan.SpooledSamples`) to an FFCV ``.beton`` with ffcv's writer.
 
-Format (ffcv 1.0.x ``.beton``, read by ``ffcv.loader.Loader`` / :mod:`pipeline.ffcv_loader`):
+Format (ffcv 1.0.x ``.beton``, read by ``ffcv.loader.Loader`` / :mod:`pipeline.load.ffcv_loader`):
 
 * field ``image``: ``RGBImageField`` with ``write_mode='jpg'``; every sample is stored as one baseline 3-channel JPEG,
-  metadata ``(mode=jpg, width, height, data_ptr)``. The JPEG bytes are exactly the ones :func:`pipeline.scan.
+  metadata ``(mode=jpg, width, height, data_ptr)``. The JPEG bytes are exactly the ones :func:`pipeline.convert.scan.
   prepare_image` produced (resized with Pillow bicubic, encoded once): ffcv's own ``RGBImageField.encode`` takes a
   decoded array and would encode every image again with OpenCV (a second generation loss and time), so the field
   instance gets an ``encode`` that copies the prepared bytes. The stored field type is still ``RGBImageField``
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.scan import SpooledSamples
+from pipeline.convert.scan import SpooledSamples
 
 MIN_PAGE = 1 << 21  # ffcv's minimum page size (2 MiB)
 MAX_DEFAULT_PAGE = 1 << 23  # ffcv's default page size (8 MiB)
@@ -162,7 +162,7 @@ def write_beton(path: str, samples: SpooledSamples, progress: bool = True) -> No
     Raises:
         RuntimeError: an ffcv writer process died before all samples were written.
     """
-    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+    import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter

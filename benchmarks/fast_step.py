@@ -1,6 +1,6 @@
 """Side-by-side measurement of the training-step options on one machine, in one run.
 
-    python -m runtime.fast_step_bench --method dino --config configs/exp/dino_demo.yaml --steps 10 --rounds 3
+    python -m benchmarks.fast_step --method dino --config configs/exp/dino_demo.yaml --steps 10 --rounds 3
 
 Runs the model step only (forward, backward, optimizer, EMA, loss state) on a cached augmented batch for each variant:
 eager fp32 (NCHW), + channels-last, + bf16 autocast, + torch.compile of the backbone. Variants are interleaved over
@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from engine.config import load_config
 from methods import StepContext
-from runtime.config import load_config
 
 VARIANTS = {
     "eager fp32": dict(precision="fp32", channels_last=False, compile=False),
@@ -32,7 +32,7 @@ VARIANTS = {
 
 
 def _trainer(cfg, **model_opts):
-    from runtime.trainer import Trainer
+    from engine.trainer import Trainer
 
     cfg = copy.deepcopy(cfg)
     for k, v in model_opts.items():

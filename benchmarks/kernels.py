@@ -1,4 +1,4 @@
-"""Benchmark the fused loss paths against their references: ``python -m losses.kernels.bench [--real]``.
+"""Benchmark the fused loss paths against their references: ``python -m benchmarks.kernels [--real]``.
 
 Not a timed test. For each loss and shape it runs the reference and the fused path (Triton on CUDA, the
 ``torch.compile``'d chunked path on CPU) side by side in one invocation and prints the time per call
@@ -214,7 +214,7 @@ def _time_worker(loss: str, size: str, reps: int, device: str, dtype: torch.dtyp
 
 def _run(loss: str, size: str, path: str, args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", FLASHSSL_FUSED="1" if path == "fused" else "0")
-    cmd = [sys.executable, "-m", "losses.kernels.bench", "--worker", loss, size, path, "--reps", str(args.reps),
+    cmd = [sys.executable, "-m", "benchmarks.kernels", "--worker", loss, size, path, "--reps", str(args.reps),
            "--threads", str(args.threads), "--dtype", args.dtype]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:

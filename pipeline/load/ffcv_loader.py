@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch
-from runtime.config import DataConfig
+from pipeline.config import DataConfig
 from runtime.config_loader import ConfigError
 
 _JOIN_TIMEOUT_S = 60.0
@@ -39,7 +39,7 @@ _JOIN_TIMEOUT_S = 60.0
 
 def check_beton(path: str) -> None:
     """Raise ConfigError unless ``path`` is a readable ``.beton`` with ``image`` (RGBImageField) and ``label``."""
-    import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+    import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
@@ -173,12 +173,12 @@ class FFCVLoader:
 
     def __init__(self, path: str, data_cfg: DataConfig, *, seed: int, rank: int, world_size: int,
                  device: torch.device, flip: bool = True, batches_ahead: int = 3) -> None:
-        import pipeline.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+        import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
 
-        from pipeline.ffcv_decode import IndexDecoder, MultiCropDecoder
+        from pipeline.load.ffcv_decode import IndexDecoder, MultiCropDecoder
 
         if not 0 <= rank < world_size:
             raise ValueError(f"FFCVLoader: need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
@@ -285,7 +285,7 @@ def _next_result(it):
 
 def split_views_checked(images: np.ndarray, sizes: list[int], indices: np.ndarray, path: str):
     """:func:`split_views` plus a clear error when a JPEG of the batch could not be decoded."""
-    from pipeline.ffcv_decode import split_views
+    from pipeline.load.ffcv_decode import split_views
 
     views, status = split_views(images, sizes)
     if status.any():

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from pipeline.batch import Batch
-from pipeline.pil_transforms import build_pil_view_transform
-from runtime.config import DataConfig
+from pipeline.config import DataConfig
+from pipeline.load.pil_transforms import build_pil_view_transform
 from runtime.config_loader import ConfigError
 
 

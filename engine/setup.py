@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from runtime.config import Config
+from engine.config import Config
 from runtime.config_loader import ConfigError
 from runtime.logging import log
 
@@ -32,7 +32,7 @@ def seed_everything(seed: int) -> None:
 
 
 # Speed of bf16 autocast over fp32 for the DINO demo step (ResNet-18, B 64, channels-last) on one CPU, by the best ISA
-# oneDNN was allowed (ONEDNN_MAX_CPU_ISA; python -m runtime.fast_step_bench --variant ...): AMX 1.50x, AVX512-BF16
+# oneDNN was allowed (ONEDNN_MAX_CPU_ISA; python -m benchmarks.fast_step --variant ...): AMX 1.50x, AVX512-BF16
 # 1.12x, AVX512 0.48x, AVX2 0.10x (docs/performance.md, "Precision"). Only AMX gives a clear gain; without AVX512-BF16,
 # bf16 is emulated and costs 2-10x. At AVX512-BF16's break-even, auto keeps fp32 (exact, reproducible numerics).
 def cpu_bf16_is_fast() -> bool:
@@ -79,7 +79,7 @@ def make_augment(cfg: Config, device: torch.device):
     """The batched device augmentation for loaders that deliver uint8 crops (None if the loader augments itself)."""
     if cfg.data.loader == "torchvision" and not cfg.data.device_augment:
         return None
-    from pipeline.gpu_augment import DeviceAugment
+    from pipeline.augment.gpu_augment import DeviceAugment
     from runtime import dist
 
     if cfg.model.precision == "fp16" and device.type != "cuda":

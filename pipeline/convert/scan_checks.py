@@ -1,6 +1,6 @@
 """[0] Checks of the ImageFolder listing that keep bad names, links and class indices out of a conversion.
 
-Used by :mod:`pipeline.scan`. The name and link checks return the user-facing skip reason (``None`` = fine);
+Used by :mod:`pipeline.convert.scan`. The name and link checks return the user-facing skip reason (``None`` = fine);
 :func:`load_class_index` raises ValueError with the user-facing message for an unusable ``--class-index``:
 
 * names: a file or class folder name that is not valid UTF-8 (Python keeps it as lone surrogates; it cannot be
@@ -104,7 +104,7 @@ def _few(mapping: dict, values: bool = True, n: int = 5) -> str:
 
 def check_writable(folders: list[str]) -> None:
     """Raise ConvertError unless each folder exists (or can be created) and accepts a new file; names the folder."""
-    from pipeline.scan import ConvertError
+    from pipeline.convert.scan import ConvertError
 
     for folder in folders:
         probe = folder

@@ -1,4 +1,4 @@
-"""Loader benchmark: ``python -m pipeline.bench`` - torchvision baseline vs FFCV vs DALI on the same data.
+"""Loader benchmark: ``python -m benchmarks.loader`` - torchvision baseline vs FFCV vs DALI on the same data.
 
 Two recipes, measured side by side in one process: ``crop`` (decode + multi-crop + flip; the loaders deliver uint8
 crops) and ``full`` (the DINO recipe: 2 x 224 + N x 96 with colour jitter, grayscale, blur, solarize, normalise). The
@@ -10,12 +10,12 @@ Columns: images/s (one image = all its crops; median of the timed epochs), ratio
 decode ceilings (full-image libjpeg-turbo decoding, one process per core, of the original and of the stored JPEGs),
 time to the first batch, CPU ms per image (independent of other load, unlike img/s) and peak PSS with workers.
 
-Data: ``D/train`` holds the original JPEGs, ``D/ffcv/train.beton`` and ``D/dali/train/`` come from ``pipeline.convert``
+Data: ``D/train`` holds the original JPEGs, ``D/ffcv/train.beton`` and ``D/dali/train/`` come from the converter
 (``--generate N`` first creates N ImageNet-like JPEGs). Unless ``--no-malloc-env`` it re-executes itself with glibc
 malloc thresholds, ``THP_MEM_ALLOC_ENABLE=1`` and ``OMP_WAIT_POLICY=PASSIVE``, and every row runs with
 ``--torch-threads``; why, and the measured tables: ``docs/performance.md``::
 
-    python -m pipeline.bench --data-dir data/bench --generate 2000 --batch-size 64 --workers 2 --epochs 3 \
+    python -m benchmarks.loader --data-dir data/bench --generate 2000 --batch-size 64 --workers 2 --epochs 3 \
         --json runs/bench.json
 """
 
@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from runtime.config import DataConfig, dino_views
+from pipeline.config import DataConfig, dino_views
 
 # THP_MEM_ALLOC_ENABLE: PyTorch's CPU allocator asks for transparent huge pages on large tensors (> 32 MiB tensors
 # are always mmap'd fresh by glibc, so each batch's fp32 views were page-faulted 4 KiB at a time: DeviceAugment's
@@ -94,7 +94,7 @@ def ensure_bench_data(root: str, generate: int, size: int, max_side: int, worker
                 pool.map(_write_image, todo, chunksize=16)
     if not os.path.isdir(folder):
         raise SystemExit(f"--data-dir: {folder} does not exist (pass --generate N to create a dataset)")
-    from pipeline.convert import convert
+    from pipeline.convert.build import convert
 
     convert(folder, root, "both", max_side=max_side, jpeg_quality=90, workers=max(1, workers), progress=False,
             log=lambda msg: print(f"[bench] {msg}", flush=True))
@@ -104,7 +104,7 @@ def ensure_bench_data(root: str, generate: int, size: int, max_side: int, worker
 
 def sample_jpegs(paths: dict[str, str], limit: int = 2048) -> tuple[list[bytes], list[bytes], int]:
     """Up to ``limit`` (original, stored) JPEGs for the decode ceilings, and the dataset size."""
-    from pipeline.dali_loader import ShardIndex
+    from pipeline.load.dali_loader import ShardIndex
 
     index = ShardIndex(paths["dali"])
     stored = [index.jpeg(i).tobytes() for i in range(min(limit, len(index)))]
@@ -209,7 +209,7 @@ class PeakMemory:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="D with D/train (ImageFolder); converted data goes to D/ffcv, "
                    "D/dali")
@@ -250,21 +250,21 @@ def build(kind: str, cfg: DataConfig):
     """The loader for a row of the table (all on the CPU, rank 0 of 1, seed 0)."""
     kw = dict(seed=0, rank=0, world_size=1, device=torch.device("cpu"))
     if kind.startswith("torchvision"):
-        from pipeline.torchvision_loader import TorchvisionLoader
+        from pipeline.load.torchvision_loader import TorchvisionLoader
 
         return TorchvisionLoader(cfg, **kw)
     if kind == "ffcv":
-        from pipeline.ffcv_loader import build_ffcv_loader
+        from pipeline.load.ffcv_loader import build_ffcv_loader
 
         return build_ffcv_loader(cfg, **kw)
-    from pipeline.dali_loader import build_dali_loader
+    from pipeline.load.dali_loader import build_dali_loader
 
     return build_dali_loader(cfg, **kw)
 
 
 def run_one(args: argparse.Namespace, kind: str, recipe: str, path: str) -> dict:
     """Time one loader on one recipe: warm-up epochs, then timed epochs; returns one result row."""
-    from pipeline.gpu_augment import DeviceAugment
+    from pipeline.augment.gpu_augment import DeviceAugment
 
     cfg = data_config(args, kind, path, recipe)
     augment = None
@@ -341,7 +341,7 @@ def maybe_reexec_with_malloc_env(args: argparse.Namespace, argv: list[str] | Non
     if args.no_malloc_env or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()) or argv is not None:
         return
     env = {**os.environ, **MALLOC_ENV}
-    os.execve(sys.executable, [sys.executable, "-m", "pipeline.bench", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.loader", *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:

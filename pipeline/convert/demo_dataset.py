@@ -1,6 +1,6 @@
 """Built-in demo dataset: procedurally drawn shapes and textures in ImageFolder layout (no downloads).
 
-``python -m pipeline.demo_dataset --out data/demo`` writes ``data/demo/{train,val}/<class>/<nnnnn>.jpg`` plus
+``python -m pipeline.convert.demo_dataset --out data/demo`` writes ``data/demo/{train,val}/<class>/<nnnnn>.jpg`` plus
 ``data/demo/manifest.json``. Ten classes whose identity is invariant to colour, position, scale and rotation: shapes
 (``circle``, ``ring``, ``triangle``, ``square``, ``star``, ``cross``, ``spiral``) and two-level textures filling a
 random region (``stripes``, ``checkerboard``, ``dots``).

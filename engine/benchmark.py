@@ -19,9 +19,9 @@ import time
 import torch
 from torch import nn
 
+from engine.config import Config
 from methods import StepContext
 from runtime import dist
-from runtime.config import Config
 from runtime.logging import log
 
 
@@ -145,7 +145,7 @@ def verdict(r: dict) -> str:
 
 def run_benchmark(cfg: Config, steps: int) -> dict:
     """Run the three phases and print the table; returns the result dict (also written as JSON on rank 0)."""
-    from runtime.trainer import Trainer
+    from engine.trainer import Trainer
 
     cfg.train.resume = ""
     trainer = Trainer(cfg)

@@ -1,4 +1,4 @@
-"""[0] Write prepared samples (:class:`pipeline.scan.SpooledSamples`) as webdataset tar shards + DALI index files.
+"""[0] Write prepared samples (:class:`scan.SpooledSamples`) as webdataset tar shards + DALI index files.
 
 Output directory (read natively by ``nvidia.dali.fn.readers.webdataset``):
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.scan import SpooledSamples
+from pipeline.convert.scan import SpooledSamples
 
 INDEX_VERSION = "v1.2"
 EXTENSIONS = ("jpg", "cls", "lbl")

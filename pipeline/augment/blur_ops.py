@@ -1,6 +1,6 @@
-"""Per-sample Gaussian blur for :class:`pipeline.gpu_augment.DeviceAugment`: a direct CPU kernel and the dispatcher.
+"""Per-sample Gaussian blur for ``DeviceAugment``: a direct CPU kernel and the dispatcher.
 
-:func:`pipeline.augment_ops.gaussian_blur` (a grouped convolution, any device) is the reference. On a CPU that
+:func:`pipeline.augment.augment_ops.gaussian_blur` (a grouped convolution, any device) is the reference. On a CPU that
 convolution, one group per channel of every sample, is the costliest augmentation op, so CPU tensors go through
 :func:`blur_selected_cpu_`, which computes **the same sampled, truncated and normalised Gaussian** directly:
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline import augment_ops as ops
+from pipeline.augment import augment_ops as ops
 
 try:
     import numba
@@ -92,14 +92,14 @@ def direct_blur_available(x: torch.Tensor) -> bool:
 
 def blur_selected_cpu_(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
     """Blur the samples selected by ``mask`` **in place** with their own sigma (same result as
-    :func:`pipeline.augment_ops.gaussian_blur`: sampled Gaussian of ``size`` taps, normalised, edges replicated).
+    :func:`augment_ops.gaussian_blur`: sampled Gaussian of ``size`` taps, normalised, edges replicated).
 
     Args:
         x: (N, 3, H, W) float32 CPU tensor, contiguous or channels-last (any other layout is first copied to
             channels-last, and the copy is blurred).
         mask: (N,) bool CPU tensor, the samples to blur.
         sigma: (N,) float32 CPU tensor (entries of unselected samples are ignored).
-        size: odd kernel length (:func:`pipeline.augment_ops.blur_kernel_size`).
+        size: odd kernel length (:func:`pipeline.augment.augment_ops.blur_kernel_size`).
 
     Returns:
         ``x`` itself when it was contiguous or channels-last, else its blurred channels-last copy.

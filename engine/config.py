@@ -1,0 +1,161 @@
+"""Typed configuration tree.
+
+Merge order (fixed): dataclass defaults <- ``configs/method/<method>.yaml`` <- each ``--config`` YAML in order
+<- CLI ``key=value`` overrides. The method-specific ``ssl`` section is typed by the selected method's own
+``Config`` dataclass (see ``methods/``). Field comments say *why* and give recommended values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from models.config import ModelConfig
+from optim.config import OptimConfig
+from pipeline.config import DataConfig
+from runtime.config_loader import (
+    ConfigError,
+    bounded,
+    coerce,
+    deep_merge,
+    from_dict,
+    load_yaml,
+    parse_override,
+    to_dict,
+)
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = bounded(100, ge=1)
+    steps_per_epoch: int = bounded(0, ge=0)  # 0 = one pass over the data; >0 caps an epoch (demo, smoke tests)
+    out_dir: str = "runs/default"
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = bounded(10, ge=1)  # steps between host syncs for loss logging (each .item() is a sync)
+    ckpt_every: int = bounded(200, ge=1)  # steps between checkpoints (and always at the end of an epoch)
+    keep_last: int = bounded(3, ge=1)  # checkpoints kept on disk
+    resume: str = ""  # '' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path
+    knn_at_end: bool = True  # run weighted kNN on data.val_path after training
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    # labelled ImageFolder splits for kNN (at the end of training and in eval.py knn)
+    train_dir: str = "data/demo/train"
+    val_dir: str = "data/demo/val"
+    knn_k: int = bounded(20, ge=1)
+    knn_t: float = bounded(0.07, gt=0)
+    batch_size: int = bounded(128, ge=1)
+    features: Literal["teacher", "student", "auto"] = "auto"  # auto = the method's official choice
+
+
+@dataclass
+class Config:
+    method: str = "dino"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ssl: Any = None  # the selected method's Config dataclass instance
+
+
+def load_config(method: str, config_files: list[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve the full config for ``method``; raises ConfigError before any work starts."""
+    layers = [load_yaml(path) for path in method_layer_files(method) + list(config_files or [])]
+    return resolve_layers(method, layers + [parse_override(item) for item in overrides or []])
+
+
+def method_layer_files(method: str) -> list[str]:
+    """``configs/method/<method>.yaml`` when it exists: the layer every run of ``method`` starts from."""
+    method_yaml = os.path.join(CONFIG_DIR, "method", f"{method}.yaml")
+    return [method_yaml] if os.path.exists(method_yaml) else []
+
+
+def resolve_layers(method: str, layers: list[dict]) -> Config:
+    """Dataclass defaults <- each layer (plain nested dicts) in order -> the validated Config of ``method``."""
+    from methods import METHODS  # local import: engine sits above methods, methods never import engine
+
+    if method not in METHODS:
+        raise ConfigError(f"--method: unknown method {method!r}; allowed values: {', '.join(sorted(METHODS))}")
+    merged: dict = {"method": method}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    if merged.get("method", method) != method:
+        raise ConfigError(f"method: the config says {merged['method']!r} but --method is {method!r}")
+    _expand_view_preset(merged)
+    ssl_raw = merged.pop("ssl", {}) or {}
+    cfg = from_dict(Config, merged)
+    cfg.ssl = coerce(METHODS[method].Config, ssl_raw, "ssl")
+    METHODS[method].check_config(cfg)
+    return cfg
+
+
+def _expand_view_preset(merged: dict) -> None:
+    """``data.views: <name>`` -> the view list of ``configs/views/<name>.yaml`` (shared multi-crop recipes)."""
+    views = (merged.get("data") or {}).get("views")
+    if not isinstance(views, str):
+        return
+    path = os.path.join(CONFIG_DIR, "views", f"{views}.yaml")
+    if not os.path.exists(path):
+        known = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "views")) if f.endswith(".yaml"))
+        raise ConfigError(f"data.views: unknown view preset {views!r}; known presets: {', '.join(known)}")
+    preset = load_yaml(path)
+    if set(preset) != {"views"} or not isinstance(preset["views"], list):
+        raise ConfigError(f"view preset {path} must hold exactly one key 'views' with a list of views")
+    merged["data"]["views"] = preset["views"]
+
+
+def _leaves(d: dict, prefix: str = "") -> list[tuple[str, ...]]:
+    out = []
+    for k, v in d.items():
+        path = (*prefix, k) if prefix else (k,)
+        out += _leaves(v, path) if isinstance(v, dict) and v else [path]
+    return out
+
+
+def _without(d: dict, path: tuple[str, ...]) -> dict:
+    if len(path) == 1:
+        return {k: v for k, v in d.items() if k != path[0]}
+    return {**d, path[0]: _without(d[path[0]], path[1:])}
+
+
+def restated_keys(method: str, path: str, below: list[str] | None = None) -> list[str]:
+    """Dotted keys of YAML ``path`` that change nothing: the config resolved without the key is the same.
+
+    ``below`` are the files under ``path`` in the merge order (default: the method YAML, unless ``path`` is it).
+    A layer should hold only what it changes, so that a dataclass default stays the one source of its value.
+    """
+    if below is None:
+        below = [f for f in method_layer_files(method) if os.path.abspath(f) != os.path.abspath(path)]
+    base = [load_yaml(f) for f in below]
+    layer = load_yaml(path)
+    full = to_dict(resolve_layers(method, base + [layer]))
+
+    def same_without(key: tuple[str, ...]) -> bool:
+        try:
+            return to_dict(resolve_layers(method, base + [_without(layer, key)])) == full
+        except ConfigError:  # the key is needed (e.g. another value depends on it)
+            return False
+
+    return [".".join(key) for key in _leaves(layer) if key != ("method",) and same_without(key)]
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return to_dict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config saved by :func:`config_to_dict` (e.g. from a checkpoint)."""
+    from methods import METHODS
+
+    data = dict(data)
+    ssl_raw = data.pop("ssl", {}) or {}
+    cfg = from_dict(Config, data)
+    cfg.ssl = coerce(METHODS.get_or_raise(cfg.method).Config, ssl_raw, "ssl")
+    return cfg
