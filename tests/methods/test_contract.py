@@ -55,6 +55,7 @@ def _params(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()} if module is not None else {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_keeps_the_trainer_contract(name):
     cls, cfg = METHODS[name], _cfg(name)
