@@ -4,6 +4,9 @@
 
 One process, N processes on one machine and multi-node (torchrun rendezvous) all go through this file: torchrun sets
 the environment, ``runtime.dist`` reads it (NCCL on CUDA, gloo on CPU).
+
+``train.out_dir`` holds one run (``runtime/run_dir.py``): a fresh run into a folder that holds one is refused unless
+``--resume auto`` continues it or ``--overwrite`` moves it aside first (docs/failure_modes.md).
 """
 
 from __future__ import annotations

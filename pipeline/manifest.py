@@ -3,7 +3,7 @@
 ``manifest.json`` (written last, see :mod:`pipeline.convert`) holds the settings, the source listing's fingerprint
 (relative path, size, mtime and label of every source file, :func:`pipeline.scan.scan_image_folder`) and, per
 output file, ``{"size": bytes, "blake2b": hex}``: a 128-bit BLAKE2b digest of the whole file, streamed in blocks
- (stdlib ``hashlib``; about one second per GB on one core). An output is *current* only if settings and
+(stdlib ``hashlib``; a check reads every output file once). An output is *current* only if settings and
 fingerprint match and every file has its recorded size and digest, so a file corrupted in place (same size) is
 rebuilt instead of being reported "up to date". Manifests written before digests existed count as stale.
 """
@@ -45,21 +45,22 @@ def read_json(path: str) -> dict | None:
         return None
 
 
-def file_problems(manifest: dict, base: str) -> list[str]:
-    """'<path>: <what is wrong>' for every file the manifest lists under ``base`` that is missing or differs."""
-    problems = []
-    for name, entry in sorted(manifest.get("files", {}).items()):
+def file_problems(manifest: dict, manifest_path: str) -> list[str]:
+    """'<path>: <what is wrong>' for every file the manifest lists that is missing or differs from its record."""
+    files = manifest.get("files")
+    if not files or not isinstance(files, dict):
+        return [f"{manifest_path}: the manifest lists no files"]
+    if not all(isinstance(e, dict) and "blake2b" in e for e in files.values()):
+        return [f"{manifest_path}: written by an older version, without content checksums"]
+    base, problems = os.path.dirname(manifest_path), []
+    for name, entry in sorted(files.items()):
         path = os.path.join(base, name)
-        if not isinstance(entry, dict) or "blake2b" not in entry:
-            problems.append(f"{path}: the manifest has no content checksum (written by an older version)")
-        elif not os.path.isfile(path):
+        if not os.path.isfile(path):
             problems.append(f"{path}: missing")
         elif os.path.getsize(path) != entry.get("size"):
             problems.append(f"{path}: {os.path.getsize(path)} bytes, the manifest says {entry.get('size')}")
         elif file_digest(path) != entry["blake2b"]:
             problems.append(f"{path}: content differs from the manifest's checksum (modified or corrupted on disk)")
-    if not manifest.get("files"):
-        problems.append(f"{base}: the manifest lists no files")
     return problems
 
 
@@ -75,7 +76,7 @@ def output_state(path: str, manifest_path: str, settings: dict, fingerprint: str
         return "stale", "the source files changed since it was written"
     if not os.path.exists(path):
         return "stale", f"{path} is missing"
-    problems = file_problems(manifest, os.path.dirname(manifest_path))
+    problems = file_problems(manifest, manifest_path)
     return ("stale", problems[0]) if problems else ("current", "")
 
 
@@ -84,7 +85,7 @@ def verify_output(path: str, manifest_path: str) -> list[str]:
     manifest = read_json(manifest_path)
     if manifest is None:
         return [f"{path}: no readable manifest {manifest_path} (not a complete convert_dataset.py output)"]
-    return file_problems(manifest, os.path.dirname(manifest_path))
+    return file_problems(manifest, manifest_path)
 
 
 def remove_stale_temps(folder: str, stem: str, log: Callable[[str], None] | None) -> list[str]:

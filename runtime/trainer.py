@@ -98,8 +98,7 @@ class Trainer:
                 "rng": ckpt.rng_state(),
                 "step": self.state.step,
                 "config": config_to_dict(self.cfg),
-                "meta": {"method": self.cfg.method, "backbone": self.cfg.model.backbone, "format": 1,
-                         "run_id": self.run.run_id},
+                "meta": {"method": self.cfg.method, "backbone": self.cfg.model.backbone, "format": 1},
             }, path)
             self.run.prune(self.cfg.train.keep_last)
         dist.barrier()
