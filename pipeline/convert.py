@@ -300,7 +300,7 @@ def _plan(targets: list[Target], settings_of: Callable[[Target], dict], listing:
             raise ConvertError(f"{t.path} exists but is not a complete convert_dataset.py output (no valid "
                                f"{os.path.basename(t.sidecar('manifest.json'))}); remove it or pass --overwrite")
         if state == "stale":
-            log(f"{t.path}: {reason}; rebuilding")
+            log(f"{reason}; rebuilding")
         todo.append(t)
     return todo
 

@@ -66,14 +66,15 @@ def file_problems(manifest: dict, manifest_path: str) -> list[str]:
 
 def output_state(path: str, manifest_path: str, settings: dict, fingerprint: str) -> tuple[str, str]:
     """(state, reason): 'missing' | 'current' | 'foreign' (something at ``path`` without our manifest) | 'stale'
-    (our manifest, but settings or source changed, or a file is missing or differs; ``reason`` says which)."""
+    (our manifest, but settings or source changed, or a file is missing or differs; ``reason`` names the path and
+    says which)."""
     manifest = read_json(manifest_path)
     if manifest is None:
         return ("foreign", "no manifest") if os.path.exists(path) else ("missing", "")
     if manifest.get("settings") != settings:
-        return "stale", "settings changed since it was written"
+        return "stale", f"{path}: settings changed since it was written"
     if manifest.get("source_fingerprint") != fingerprint:
-        return "stale", "the source files changed since it was written"
+        return "stale", f"{path}: the source files changed since it was written"
     if not os.path.exists(path):
         return "stale", f"{path} is missing"
     problems = file_problems(manifest, manifest_path)

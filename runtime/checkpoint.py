@@ -127,6 +127,12 @@ def scan_checkpoints(run_dir: str) -> tuple[tuple[str, dict[str, Any]] | None, l
     return None, bad
 
 
+def short_reason(message: str) -> str:
+    """The gist of a load_checkpoint error for lists: its cause without the path, up to the first full stop."""
+    cause = message.split("): ", 1)[-1] if " is unreadable (" in message else message
+    return cause.split(". ")[0][:160]
+
+
 def find_resumable(run_dir: str) -> tuple[str, dict[str, Any]] | None:
     """Newest own checkpoint in ``run_dir`` that loads; unreadable ones are reported and skipped."""
     return scan_checkpoints(run_dir)[0]
@@ -143,7 +149,7 @@ def resolve_checkpoint(spec: str) -> str:
     if found is not None:
         return found[0]
     if bad:
-        listed = "; ".join(f"{os.path.basename(p)}: {reason}" for p, reason in bad)
+        listed = "; ".join(f"{os.path.basename(p)}: {short_reason(reason)}" for p, reason in bad)
         raise CheckpointError(f"no readable checkpoint in run directory {spec}: {len(bad)} found, all unreadable "
                               f"({listed})")
     raise CheckpointError(f"no checkpoint (ckpt_step*.pt) in run directory {spec}")

@@ -191,7 +191,7 @@ class RunDir:
             dest, n = os.path.join(folder, f"{name}.{n}"), n + 1
         os.replace(path, dest)
         self._set_checkpoints([c for c in self.marker["checkpoints"] if c != name])
-        self.log(f"[resume] moved unreadable {path} to {dest} ({reason})")
+        self.log(f"[resume] moved unreadable {path} to {dest} ({ckpt.short_reason(reason)})")
         return dest
 
     def select_resume(self) -> tuple[str, dict[str, Any]] | None:
@@ -206,7 +206,7 @@ class RunDir:
             if os.path.isdir(folder) else []
         if not moved and not earlier:
             return None
-        listed = [f"{os.path.basename(m)}: {reason}" for m, reason in moved]
+        listed = [f"{os.path.basename(m)} ({ckpt.short_reason(reason)})" for m, reason in moved]
         listed += [f"{e} (moved there by an earlier start)" for e in earlier]
         raise ckpt.CheckpointError(
             f"--resume auto: no readable checkpoint in {self.path}; unreadable, now in {folder}/: "

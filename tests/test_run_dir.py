@@ -103,8 +103,8 @@ def _setup(kind, used, tmp_path, monkeypatch):
 BAD = [  # (out_dir kind, extra argv, expected fragments)
     ("used", [], ["already holds a run", "2 checkpoint(s) up to step 2", "metrics.jsonl with 2 rows",
                   "--resume auto", "train.out_dir=", "--overwrite"]),
-    ("all_corrupt", ["--resume", "auto"], ["no readable checkpoint", "ckpt_step00000002.pt", "ckpt_step00000001.pt",
-                                           "corrupt/", "--overwrite"]),
+    ("all_corrupt", ["--resume", "auto"], ["no readable checkpoint", "ckpt_step00000002.pt (RuntimeError: ",
+                                           "ckpt_step00000001.pt (RuntimeError: ", "corrupt/", "--overwrite"]),
     ("used", ["--resume", "auto", "ssl.out_dim=128"], ["model weights", "ssl.out_dim (checkpoint 256, this run 128)",
                                                        "cannot resume"]),
     ("used", ["--resume", "auto", "optim.name=adamw"], ["optim.name (checkpoint 'sgd', this run 'adamw')",
