@@ -31,11 +31,12 @@ demo: setup
 	$(PY) convert_dataset.py --src data/demo/train --out data/demo --format both -q
 	$(PY) convert_dataset.py --src data/demo/val --out data/demo --format both -q \
 	  --class-index data/demo/ffcv/train.classes.json
-	$(PY) train.py --method dino --config configs/exp/dino_demo.yaml train.knn_at_end=false
+	@# --overwrite: a previous demo run is moved to runs/<name>.old-<time> (make clean-demo removes both)
+	$(PY) train.py --method dino --config configs/exp/dino_demo.yaml train.knn_at_end=false --overwrite
 	$(PY) eval.py knn --checkpoint runs/dino_demo --train-dir data/demo/train --val-dir data/demo/val \
 	  --random-baseline --report runs/dino_demo
 	@# then INTL: a second loss family (whitening, no teacher) on the same data, about 2 minutes (docs/results.md)
-	$(PY) train.py --method intl --config configs/exp/intl_demo.yaml train.knn_at_end=false
+	$(PY) train.py --method intl --config configs/exp/intl_demo.yaml train.knn_at_end=false --overwrite
 	$(PY) eval.py knn --checkpoint runs/intl_demo --train-dir data/demo/train --val-dir data/demo/val \
 	  --random-baseline --report runs/intl_demo
 
@@ -52,4 +53,4 @@ lint: setup
 	$(VENV)/bin/lint-imports --no-cache  # the layer contract of pyproject.toml
 
 clean-demo:
-	rm -rf runs/dino_demo runs/intl_demo
+	rm -rf runs/dino_demo runs/intl_demo runs/dino_demo.old-* runs/intl_demo.old-*

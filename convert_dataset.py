@@ -9,7 +9,10 @@ Examples::
     python convert_dataset.py --src data/demo/train --out data/demo/dali/train --format dali
     python convert_dataset.py --src /datasets/imagenet/train --out /fast/in1k --format both   # -> in1k/{ffcv,dali}
 
-Exit codes: 0 = written or up to date, 1 = conversion error (message, no traceback), 2 = bad command line.
+    python convert_dataset.py --src data/demo/train --out data/demo --format both --verify   # checksums only
+
+Exit codes: 0 = written, up to date or verified, 1 = conversion error (message, no traceback), 2 = bad command line
+or (--verify) an output that differs from its manifest.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.convert.build import convert
+from pipeline.convert.build import convert, verify
 from pipeline.convert.scan import ConvertError
 from runtime.cli_types import nonneg_int, positive_float, ranged
 
-__all__ = ["convert", "main"]
+__all__ = ["convert", "main", "verify"]
 
 OUTPUTS_HELP = """\
 outputs (--out):
@@ -81,12 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "are never followed)")
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any input is skipped")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if the output is up to date")
+    p.add_argument("--verify", action="store_true",
+                   help="convert nothing: check the existing output's files against the sizes and content checksums "
+                        "in its manifest (exit 2 naming the file on a mismatch)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verify:
+        return _verify(args)
     try:
         summary = convert(args.src, args.out, args.format, file_list=args.file_list, class_index=args.class_index,
                           max_side=args.max_side, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
@@ -104,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         print("convert_dataset.py: interrupted; no output was left under a final name", file=sys.stderr)
         return 130
     print(summary)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        problems = verify(args.src, args.out, args.format)
+    except ConvertError as e:
+        print(f"convert_dataset.py: error: {e}", file=sys.stderr)
+        return 2
+    for p in problems:
+        print(f"convert_dataset.py: verify: {p}; re-convert it (same command with --overwrite)", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"verified: every file of {args.out} ({args.format}) matches its manifest's checksum")
     return 0
 
 

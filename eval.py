@@ -19,18 +19,14 @@ import os
 import sys
 import time
 
+from runtime.cli_args import parse_args_with_overrides
 from runtime.cli_types import positive_float, positive_int, ranged
 
 
 def resolve_checkpoint(spec: str) -> str:
-    from runtime.checkpoint import CheckpointError, find_resumable
+    from runtime.checkpoint import resolve_checkpoint as resolve  # shared with train.py --resume; imports torch
 
-    if os.path.isdir(spec):
-        found = find_resumable(spec)
-        if found is None:
-            raise CheckpointError(f"no valid checkpoint (ckpt_step*.pt) in directory {spec}")
-        return found[0]
-    return spec
+    return resolve(spec)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -227,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     add_knn_parser(sub)
     add_linear_parser(sub)
     add_export_parser(sub)
-    args = parser.parse_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     from runtime import dist
     from runtime.checkpoint import CheckpointError
     from runtime.config_loader import ConfigError

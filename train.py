@@ -4,6 +4,9 @@
 
 One process, N processes on one machine and multi-node (torchrun rendezvous) all go through this file: torchrun sets
 the environment, ``runtime.dist`` reads it (NCCL on CUDA, gloo on CPU).
+
+``train.out_dir`` holds one run (``runtime/run_dir.py``): a fresh run into a folder that holds one is refused unless
+``--resume auto`` continues it or ``--overwrite`` moves it aside first (docs/failure_modes.md).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 import sys
 
+from runtime.cli_args import parse_args_with_overrides
 from runtime.cli_types import positive_int
 
 
@@ -22,11 +26,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p.add_argument("--method", required=True, choices=sorted(METHODS), help="SSL method (methods/<name>.py)")
     p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later files win)")
-    p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in train.out_dir) or a path")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (newest readable checkpoint of the run in train.out_dir), a checkpoint file, or a run "
+                        "directory (its newest readable checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in a train.out_dir that holds a run: its contents are moved to "
+                        "<out_dir>.old-<time> first (a fresh run into a used folder is refused otherwise)")
     p.add_argument("--benchmark", action="store_true", help="measure loader / model step / end to end and exit")
     p.add_argument("--steps", type=positive_int, default=20, help="steps per benchmark phase (with --benchmark)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=128 optim.lr=0.05")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="key=value overrides anywhere on the line, e.g. data.batch_size=128 "
+                                                "optim.lr=0.05")
+    return parse_args_with_overrides(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from engine.trainer import Trainer
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=args.overwrite)
         trainer.fit()
         if cfg.train.knn_at_end:
             _final_knn(trainer)

@@ -38,7 +38,7 @@ def _trainer(cfg, **model_opts):
     for k, v in model_opts.items():
         setattr(cfg.model, k, v)
     cfg.train.resume = ""
-    return Trainer(cfg)
+    return Trainer(cfg, measure_only=True)
 
 
 def main(argv: list[str] | None = None) -> int:

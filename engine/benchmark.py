@@ -148,7 +148,7 @@ def run_benchmark(cfg: Config, steps: int) -> dict:
     from engine.trainer import Trainer
 
     cfg.train.resume = ""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, measure_only=True)  # a measurement, not a run: train.out_dir's run is left alone
     trainer.model.train()
     n = max(2, min(steps, trainer.steps_per_epoch - 1))
     warmup = max(1, min(3, n))
@@ -175,6 +175,7 @@ def run_benchmark(cfg: Config, steps: int) -> dict:
     r["verdict"] = verdict(r)
     print_table(r)
     if dist.is_main():
+        os.makedirs(cfg.train.out_dir, exist_ok=True)
         with open(os.path.join(cfg.train.out_dir, "benchmark.json"), "w") as f:
             json.dump(r, f, indent=2)
     return r

@@ -15,15 +15,18 @@ import yaml
 from tqdm import tqdm
 
 from engine.collapse import CollapseMonitor
-from engine.config import Config, config_from_dict, config_to_dict
+from engine.config import Config, config_to_dict
 from engine.setup import autocast_ctx, make_augment, pick_device, resolve_precision, seed_everything
 from methods import StepContext, build_method
 from models.parallelize import parallelize, unwrap
 from optim.build import apply_schedules, build_optimizer, cancel_last_layer_grads, clip_gradients
 from pipeline import build_loader
 from runtime import checkpoint as ckpt
-from runtime import dist
+from runtime import dist, run_dir
 from runtime.logging import MetricLogger, Throughput, log
+
+# Config entries whose change makes a checkpoint's state unfit (other shape mismatches show up on loading it)
+_STATE_SHAPING = ("method", "model.backbone", "optim.name")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,7 +42,10 @@ class TrainState:
 class Trainer:
     """Owns everything one run needs; ``fit()`` runs it. Built from a resolved :class:`Config`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, overwrite: bool = False, measure_only: bool = False):
+        """``overwrite``: start fresh in a used ``train.out_dir`` (its contents are moved aside, see
+        :mod:`runtime.run_dir`). ``measure_only``: build everything but leave ``train.out_dir`` alone (benchmarks;
+        such a trainer cannot ``fit()``)."""
         # ============ environment ============
         self.cfg = cfg
         self.device = pick_device(cfg.train.device)
@@ -49,10 +55,9 @@ class Trainer:
             log(f"[setup] model.precision={asked} -> {cfg.model.precision} on {self.device.type}")
         seed_everything(cfg.train.seed + dist.rank())
         self.run_dir = cfg.train.out_dir
-        if dist.is_main():
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        self.run, resume_from, resume_state = None, None, None
+        if not measure_only:  # claim the folder: refuse a used one, clean stale temporaries, pick the checkpoint
+            self.run, resume_from, resume_state = run_dir.claim_on_main(self.run_dir, cfg.train.resume, overwrite)
         # ============ data ============
         self.loader = build_loader(cfg.data, seed=cfg.train.seed, rank=dist.rank(), world_size=dist.world_size(),
                                    device=self.device)
@@ -71,14 +76,20 @@ class Trainer:
         fp16 = cfg.model.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.state = TrainState()
-        self._maybe_resume()
-        self.metrics = MetricLogger(self.run_dir, cfg.train.tensorboard, start_step=self.state.step)
+        if resume_from is not None:
+            self._resume(resume_from, resume_state)
+        if self.run is not None:  # after a successful resume: a refused one leaves the run's config as it was
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        self.metrics = None if measure_only else MetricLogger(self.run_dir, cfg.train.tensorboard,
+                                                              start_step=self.state.step)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         """Atomically write a checkpoint of the whole run state (rank 0), prune old ones."""
         path = ckpt.checkpoint_path(self.run_dir, self.state.step)
-        if dist.is_main():
+        if self.run is not None:  # rank 0
+            self.run.will_write(path)
             ckpt.atomic_save({
                 "model": unwrap(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -89,28 +100,23 @@ class Trainer:
                 "config": config_to_dict(self.cfg),
                 "meta": {"method": self.cfg.method, "backbone": self.cfg.model.backbone, "format": 1},
             }, path)
-            ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+            self.run.prune(self.cfg.train.keep_last)
         dist.barrier()
         return path
 
-    def _maybe_resume(self) -> None:
-        spec = self.cfg.train.resume
-        if not spec:
-            return
-        if spec == "auto":
-            found = ckpt.find_resumable(self.run_dir)
-            if found is None:
-                log(f"[resume] no valid checkpoint in {self.run_dir}; starting from scratch")
-                return
-            path, state = found
-        else:
-            path, state = spec, ckpt.load_checkpoint(spec)
-        saved = config_from_dict(state["config"])
-        if saved.method != self.cfg.method or saved.model.backbone != self.cfg.model.backbone:
-            raise ckpt.CheckpointError(f"{path} was written by method={saved.method} backbone={saved.model.backbone}, "
-                                       f"but this run is method={self.cfg.method} backbone={self.cfg.model.backbone}")
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _resume(self, path: str, state: dict | None) -> None:
+        """Load the run state of checkpoint ``path`` (``state``: already loaded by the claim, or None); a checkpoint
+        whose weights or optimizer do not fit this config is a CheckpointError listing the config keys that differ."""
+        state = ckpt.load_checkpoint(path) if state is None else state
+        saved, current = state["config"], config_to_dict(self.cfg)
+        if ckpt.config_differences(saved, current, only=_STATE_SHAPING):
+            raise ckpt.mismatch_error(path, saved, current, "method, backbone or optimizer")
+        for what, key, load in (("model weights", "model", unwrap(self.model).load_state_dict),
+                                ("optimizer state", "optimizer", self.optimizer.load_state_dict)):
+            try:
+                load(state[key])
+            except (RuntimeError, ValueError, KeyError):
+                raise ckpt.mismatch_error(path, saved, current, what) from None
         self.scaler.load_state_dict(state["scaler"])
         if self.augment is not None and state.get("augment"):
             self.augment.load_state_dict(state["augment"])
@@ -156,6 +162,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
         cfg = self.cfg
+        if self.metrics is None:
+            raise RuntimeError("a Trainer built with measure_only=True has no claimed run directory; it cannot fit()")
         self.model.train()
         start_epoch = self.state.step // self.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not dist.is_main(), dynamic_ncols=True)
@@ -199,7 +207,7 @@ class Trainer:
 
     def _check_finite(self, finite: torch.Tensor) -> None:
         if not bool(finite):  # SYNC
-            last = ckpt.list_checkpoints(self.run_dir)
+            last = ckpt.own_checkpoints(self.run_dir)
             where = last[0][1] if last else "none written yet"
             raise NonFiniteLossError(
                 f"loss became NaN/inf before step {self.state.step}; training stopped. Last good checkpoint: {where}. "

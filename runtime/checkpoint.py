@@ -4,11 +4,15 @@ A checkpoint is one file ``ckpt_step<step>.pt`` holding the method's ``state_dic
 as centers and queues), optimiser, grad scaler, device-augmentation RNG, global RNG states, the step/epoch and the
 resolved config. Files are written to a temporary name in the same directory, fsynced, then renamed, so a killed
 job never leaves a file that looks valid. Loading uses ``torch.load(weights_only=True)``.
+
+A run directory's ``run.json`` (written by :mod:`runtime.run_dir`) lists the checkpoints that run wrote; readers
+here consider only those (every ``ckpt_step*.pt`` in a folder without ``run.json``, as written before it existed).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import re
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 _NAME = re.compile(r"ckpt_step(\d+)\.pt$")
+RUN_MARKER = "run.json"  # the run directory's owner record, see runtime/run_dir.py
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +66,10 @@ def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"ckpt_step{step:08d}.pt")
 
 
+def is_checkpoint_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the checkpoints in ``run_dir``, newest first."""
     found = []
@@ -69,11 +78,6 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
         if m:
             found.append((int(m.group(1)), p))
     return sorted(found, reverse=True)
-
-
-def prune(run_dir: str, keep_last: int) -> None:
-    for _, path in list_checkpoints(run_dir)[keep_last:]:
-        os.remove(path)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -90,11 +94,100 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return ckpt
 
 
-def find_resumable(run_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """Newest checkpoint in ``run_dir`` that loads; unreadable ones are reported and skipped."""
-    for _, path in list_checkpoints(run_dir):
+def read_marker(run_dir: str) -> dict[str, Any] | None:
+    """The run directory's ``run.json`` (None when absent or unreadable)."""
+    try:
+        with open(os.path.join(run_dir, RUN_MARKER)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def own_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the checkpoints the run in ``run_dir`` wrote, newest first: the names its ``run.json`` lists
+    that exist (all ``ckpt_step*.pt`` when the folder has no ``run.json``)."""
+    marker = read_marker(run_dir)
+    if marker is None or not isinstance(marker.get("checkpoints"), list):
+        return list_checkpoints(run_dir)
+    names = {str(n) for n in marker["checkpoints"]}
+    return [(s, p) for s, p in list_checkpoints(run_dir) if os.path.basename(p) in names]
+
+
+def scan_checkpoints(run_dir: str) -> tuple[tuple[str, dict[str, Any]] | None, list[tuple[str, str]]]:
+    """The newest own checkpoint of ``run_dir`` that loads, as (path, state), or None; and the (path, reason) of
+    every newer one that did not load."""
+    bad = []
+    for _, path in own_checkpoints(run_dir):
         try:
-            return path, load_checkpoint(path)
+            return (path, load_checkpoint(path)), bad
         except CheckpointError as e:
             print(f"[resume] skipping {e}", flush=True)
-    return None
+            bad.append((path, str(e)))
+    return None, bad
+
+
+def short_reason(message: str) -> str:
+    """The gist of a load_checkpoint error for lists: its cause without the path, up to the first full stop."""
+    cause = message.split("): ", 1)[-1] if " is unreadable (" in message else message
+    return cause.split(". ")[0][:160]
+
+
+def find_resumable(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """Newest own checkpoint in ``run_dir`` that loads; unreadable ones are reported and skipped."""
+    return scan_checkpoints(run_dir)[0]
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """A checkpoint file, or a run directory -> its newest readable checkpoint; raises CheckpointError naming what
+    was found when there is none."""
+    if not os.path.isdir(spec):
+        if not os.path.isfile(spec):
+            raise CheckpointError(f"checkpoint not found: {spec} (give a ckpt_step*.pt file or a run directory)")
+        return spec
+    found, bad = scan_checkpoints(spec)
+    if found is not None:
+        return found[0]
+    if bad:
+        listed = "; ".join(f"{os.path.basename(p)}: {short_reason(reason)}" for p, reason in bad)
+        raise CheckpointError(f"no readable checkpoint in run directory {spec}: {len(bad)} found, all unreadable "
+                              f"({listed})")
+    raise CheckpointError(f"no checkpoint (ckpt_step*.pt) in run directory {spec}")
+
+
+# Sections a resumed run may change (run control, evaluation); a difference elsewhere can make the saved state unfit.
+_FREE_ON_RESUME = ("train.", "eval.")
+_UNSET = "<unset>"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix[:-1]}[{i}]."))
+        return out
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def config_differences(saved: dict, current: dict, only: tuple[str, ...] | None = None) -> list[str]:
+    """``key (checkpoint X, this run Y)`` for every dotted config key (outside ``train.*`` / ``eval.*``, or among
+    ``only``) whose value differs between a checkpoint's saved config and this run's."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = (set(a) | set(b)) if only is None else set(only)
+    keys = sorted(k for k in keys if not k.startswith(_FREE_ON_RESUME) and a.get(k, _UNSET) != b.get(k, _UNSET))
+    return [f"{k} (checkpoint {a.get(k, _UNSET)!r}, this run {b.get(k, _UNSET)!r})" for k in keys]
+
+
+def mismatch_error(path: str, saved: dict, current: dict, what: str) -> CheckpointError:
+    """The error for a checkpoint whose ``what`` (e.g. 'model weights') does not fit this run's config."""
+    diff = config_differences(saved, current)
+    listed = "; ".join(diff) if diff else "none outside train.*/eval.* (the checkpoint may come from another version)"
+    return CheckpointError(
+        f"cannot resume from {path}: its {what} do not fit this run's config. Config keys that differ from the "
+        f"checkpoint's: {listed}. Resume with the checkpoint's values, or start a new run (a new train.out_dir, or "
+        "--overwrite)")

@@ -8,6 +8,7 @@ import torch
 from engine.config import load_config
 from engine.trainer import Trainer
 from runtime import checkpoint as ckpt
+from runtime import run_dir as run_dir_mod
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -75,8 +76,10 @@ def test_auto_resume_skips_corrupt_newest(tiny_folder, tmp_path, capsys):
     assert _logged_steps(run_dir) == [1, 2]  # step 3 of the first run is re-done, not logged twice
     t.fit()
     assert _logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # the resumed run goes on to its 2 epochs
-    Trainer(_cfg(tiny_folder, run_dir, "train.epochs=1"))  # a fresh run in the same folder starts a fresh log
-    assert _logged_steps(run_dir) == []
+    assert os.listdir(run_dir / "corrupt") == [os.path.basename(newest)]  # moved aside, never pruned-counted
+    with pytest.raises(run_dir_mod.RunDirError, match="already holds a run"):  # a fresh run there is refused
+        Trainer(_cfg(tiny_folder, run_dir, "train.epochs=1"))
+    assert _logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # and the log is kept
 
 
 def _logged_steps(run_dir):
@@ -103,5 +106,5 @@ def test_resume_rejects_other_method_checkpoint(tiny_folder, tmp_path):
     run_dir = tmp_path / "r"
     ckpt.atomic_save({"model": {}, "config": {"method": "dino", "model": {"backbone": "resnet50"}}, "step": 1},
                      ckpt.checkpoint_path(str(run_dir), 1))
-    with pytest.raises(ckpt.CheckpointError, match="backbone=resnet50"):
+    with pytest.raises(ckpt.CheckpointError, match=r"model.backbone \(checkpoint 'resnet50', this run 'resnet18'\)"):
         Trainer(_cfg(tiny_folder, run_dir, "train.resume=auto"))

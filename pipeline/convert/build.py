@@ -18,9 +18,11 @@ Output naming (``--out``):
 ``classes.json`` = ``{"class_to_idx", "classes", "counts"}``; ``samples.tsv`` = ``index<TAB>label<TAB>source path``
 (sample ``i`` is the same image in both formats); the report lists every skipped input with its reason (written
 even when ``--strict`` fails). Atomicity: data files are written under hidden temporary names (``.X.tmp-<pid>``)
-and renamed when complete; the manifest (settings + source listing fingerprint + file sizes) is written last, and
-an output counts as complete only if its manifest matches, so a killed conversion never leaves a file that looks
-valid, and re-running with the same settings over an unchanged source is a no-op.
+and renamed when complete; the manifest (settings + source listing fingerprint + each file's size and content
+checksum, :mod:`.manifest`) is written last, and an output counts as complete only if its manifest matches,
+so a killed conversion never leaves a file that looks valid, a file corrupted in place is rebuilt, and re-running
+with the same settings over an unchanged source is a no-op. Temporaries of killed conversions are removed (and
+reported) by the next one.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pipeline.convert.manifest import file_entry, output_state, read_json, remove_stale_temps, verify_output
 from pipeline.convert.scan import (
     ConvertError,
     Listing,
@@ -49,7 +51,6 @@ from pipeline.convert.scan import (
     scan_image_folder,
 )
 from pipeline.convert.scan_checks import check_writable
-from runtime.procs import pid_alive
 
 FORMAT_VERSION = 1
 FORMATS = ("ffcv", "dali", "both")
@@ -124,42 +125,6 @@ def _settings(params: PrepareParams, kind: str, shard_bytes: int, seed: int) -> 
     if kind == "dali":
         s.update(shard_bytes=shard_bytes, seed=seed)
     return s
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def output_state(target: Target, settings: dict, fingerprint: str) -> str:
-    """'missing' | 'current' | 'stale' (has our manifest, but settings/source changed or files are missing/altered)
-    | 'foreign' (something exists at the path without a manifest of ours)."""
-    manifest = _read_json(target.sidecar("manifest.json"))
-    if manifest is None:
-        return "foreign" if os.path.exists(target.path) else "missing"
-    base = os.path.dirname(target.sidecar("manifest.json"))
-    files_ok = all(os.path.isfile(os.path.join(base, n)) and os.path.getsize(os.path.join(base, n)) == size
-                   for n, size in manifest.get("files", {}).items())
-    same = manifest.get("settings") == settings and manifest.get("source_fingerprint") == fingerprint
-    return "current" if same and files_ok and os.path.exists(target.path) else "stale"
-
-
-def _remove_stale_temps(target: Target) -> None:
-    """Delete temporaries that killed conversions to this output left behind (``.<stem>.[...].tmp|old|spool-<pid>``
-    of processes that no longer exist)."""
-    parent, stem = os.path.dirname(target.path), os.path.basename(target.stem)
-    if not os.path.isdir(parent):
-        return
-    pattern = re.compile(rf"^\.{re.escape(stem)}\.(.*\.)?(tmp|old|spool)-(\d+)$")
-    for entry in os.listdir(parent):
-        m = pattern.match(entry)
-        if m and not pid_alive(int(m.group(3))):
-            full = os.path.join(parent, entry)
-            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
 
 
 # ------------------------------------------------------------------------------------------------ preparing
@@ -264,7 +229,7 @@ def finalize_ffcv(target: Target, samples: SpooledSamples, listing: Listing, pro
             json.dump(_classes_json(listing, samples), f, indent=1)
         _write_samples_tsv(temps[1], samples)
         write_beton(temps[2], samples, progress)
-        files = {os.path.basename(p): os.path.getsize(t) for p, t in zip(finals, temps)}
+        files = {os.path.basename(p): file_entry(t) for p, t in zip(finals, temps)}
         if os.path.exists(target.sidecar("manifest.json")):
             os.remove(target.sidecar("manifest.json"))  # from here on the old output no longer counts as complete
         for t, p in zip(temps, finals):
@@ -289,7 +254,7 @@ def finalize_dali(target: Target, samples: SpooledSamples, listing: Listing, sha
         with open(os.path.join(tmp, "classes.json"), "w") as f:
             json.dump(_classes_json(listing, samples), f, indent=1)
         _write_samples_tsv(os.path.join(tmp, "samples.tsv"), samples)
-        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        files = {n: file_entry(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         _write_json_atomic(os.path.join(tmp, "manifest.json"), meta(files))
         if os.path.lexists(target.path):
             os.rename(target.path, old)
@@ -329,16 +294,22 @@ def _plan(targets: list[Target], settings_of: Callable[[Target], dict], listing:
     """Targets that need (re)building; raises for foreign files in the way unless ``overwrite``."""
     todo = []
     for t in targets:
-        state = output_state(t, settings_of(t), listing.fingerprint)
+        state, reason = output_state(t.path, t.sidecar("manifest.json"), settings_of(t), listing.fingerprint)
         if state == "current" and not overwrite:
             continue
         if state == "foreign" and not overwrite:
             raise ConvertError(f"{t.path} exists but is not a complete convert_dataset.py output (no valid "
                                f"{os.path.basename(t.sidecar('manifest.json'))}); remove it or pass --overwrite")
         if state == "stale":
-            log(f"{t.path}: settings or source changed since it was written; rebuilding")
+            log(f"{reason}; rebuilding")
         todo.append(t)
     return todo
+
+
+def verify(src: str, out: str, format: str = "ffcv") -> list[str]:  # noqa: A002
+    """Check the existing outputs of ``convert(src, out, format)`` file by file against their manifests' sizes and
+    checksums; returns one line per problem, naming the file (empty: every file is as written)."""
+    return [p for t in resolve_targets(src, out, format) for p in verify_output(t.path, t.sidecar("manifest.json"))]
 
 
 def convert(src: str, out: str, format: str = "ffcv", *, file_list: str | None = None,  # noqa: A002
@@ -380,11 +351,13 @@ def convert(src: str, out: str, format: str = "ffcv", *, file_list: str | None =
     if not listing.items:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in listing.skipped[:5])
         raise ConvertError(f"--src {src}: empty dataset, no image files found" + (f" ({reasons})" if reasons else ""))
+    for t in targets:  # every target: a killed run's spool sits next to whichever output it was writing
+        remove_stale_temps(os.path.dirname(t.path), os.path.basename(t.stem), log)
     settings_of = lambda t: _settings(params, t.kind, shard_bytes, seed)  # noqa: E731
     todo = _plan(targets, settings_of, listing, overwrite, log)
     check_writable([os.path.dirname(t.path) for t in todo])
     if not todo:
-        manifest = _read_json(targets[0].sidecar("manifest.json")) or {}
+        manifest = read_json(targets[0].sidecar("manifest.json")) or {}
         return Summary([t.path for t in targets], written=manifest.get("num_samples", 0), up_to_date=True,
                        seconds=time.perf_counter() - t0)
     return _run(todo, listing, params, settings_of, shard_bytes, seed, workers, strict, progress, t0)
@@ -394,7 +367,6 @@ def _run(todo: list[Target], listing: Listing, params: PrepareParams, settings_o
          shard_bytes: int, seed: int, workers: int, strict: bool, progress: bool, t0: float) -> Summary:
     for t in todo:
         os.makedirs(os.path.dirname(t.path), exist_ok=True)
-        _remove_stale_temps(t)
     spool = os.path.join(os.path.dirname(todo[0].path), f".{os.path.basename(todo[0].path)}.spool-{os.getpid()}")
     try:
         samples, skips, bytes_in = prepare_all(listing, params, spool, workers, progress)

@@ -19,15 +19,18 @@ import _thread
 import functools
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
 
+from pipeline.convert.manifest import SHM_PREFIX
 from pipeline.convert.scan import SpooledSamples
 
 MIN_PAGE = 1 << 21  # ffcv's minimum page size (2 MiB)
@@ -172,12 +175,25 @@ def write_beton(path: str, samples: SpooledSamples, progress: bool = True) -> No
     image.encode = _encode_stored_jpeg  # instance attribute: type(image) stays RGBImageField for the file header
     writer = DatasetWriter(path, {"image": image, "label": IntField()},
                            page_size=_page_size(int(samples.sizes.max()), int(samples.sizes.sum())), num_workers=1)
-    saved_tqdm = ffcv.writer.tqdm
+    saved = ffcv.writer.tqdm, ffcv.writer.shared_memory
     ffcv.writer.tqdm = functools.partial(tqdm, desc="ffcv .beton", unit="img", disable=not progress)
+    ffcv.writer.shared_memory = _OwnedSharedMemory
     try:
         run_ffcv_writer(writer, _SpoolDataset(samples), path, chunksize=256)
     finally:
-        ffcv.writer.tqdm = saved_tqdm
+        ffcv.writer.tqdm, ffcv.writer.shared_memory = saved
+
+
+class _OwnedSharedMemory:
+    """Stands in for the ``multiprocessing.shared_memory`` module inside ``ffcv.writer``: the metadata block it
+    creates is named ``flashssl-ffcv-<pid>-<hex>`` (not Python's ownerless ``psm_<hex>``), so the next conversion
+    can free the block of a writer killed with SIGKILL (:func:`pipeline.convert.manifest.remove_stale_temps`)."""
+
+    @staticmethod
+    def SharedMemory(name: str | None = None, create: bool = False, size: int = 0):  # noqa: N802 - module API
+        if create and name is None:
+            name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        return shared_memory.SharedMemory(name=name, create=create, size=size)
 
 
 def run_ffcv_writer(writer: Any, dataset: Any, path: str, **kwargs: Any) -> None:
