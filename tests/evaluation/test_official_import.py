@@ -13,8 +13,8 @@ import torch
 import torchvision
 
 import eval as eval_cli
-from evaluation.official_import import import_checkpoint, read_official, timm_backbone
 from evaluation.load import load_method
+from evaluation.official_import import import_checkpoint, read_official, timm_backbone
 from runtime.checkpoint import CheckpointError
 
 
@@ -34,7 +34,8 @@ def _random_resnet(arch: str, seed: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def nets() -> dict[str, dict[str, torch.Tensor]]:
     """Two different random ResNet-18s (online / momentum) and one ResNet-50, torchvision names incl. fc."""
-    return {"a": _random_resnet("resnet18", 1), "b": _random_resnet("resnet18", 2), "r50": _random_resnet("resnet50", 3)}
+    return {"a": _random_resnet("resnet18", 1), "b": _random_resnet("resnet18", 2),
+            "r50": _random_resnet("resnet50", 3)}
 
 
 def _prefixed(prefix: str, sd: dict, fc: bool = False) -> dict:
