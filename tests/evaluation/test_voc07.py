@@ -140,3 +140,24 @@ def test_cli_end_to_end_with_cache(tiny_ckpt, tmp_path, capsys):
         assert json.load(f)["map"] == res["map"]  # same features from the cache, same SVMs
     assert eval_cli.main([*args[:4], str(tmp_path / "nowhere"), *args[5:]]) == 2
     assert "no ImageSets/Main" in capsys.readouterr().err
+
+
+def test_demo_builder_writes_a_readable_multilabel_layout(tiny_folder, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    from evaluation.voc_demo import build, synthetic_label
+
+    out = str(tmp_path / "voc_demo")
+    counts = build(os.path.join(tiny_folder, "train"), os.path.join(tiny_folder, "val"), out)
+    ids, labels = read_voc_split(out, "trainval")
+    classes = np.asarray(ImageFolder(os.path.join(tiny_folder, "train")).targets)
+    k = int(classes.max()) + 1
+    assert len(ids) == counts["trainval"] == len(classes)
+    assert np.array_equal(labels[:, :k] == 1, classes[:, None] == np.arange(k)[None, :])  # class j < K: folder class
+    want = [[synthetic_label(j, y, k, n) for j in range(20)] for n, y in enumerate(classes)]
+    assert np.array_equal(labels, np.asarray(want))
+    assert ((labels == 1).sum(1) >= 1).all() and (labels == -1).any()
+    assert [synthetic_label(j, 4, 10, 1) for j in range(20)].count(1) == 3  # demo data: 3 positive classes per image
+    assert len(read_voc_split(out, "test")[0]) == counts["test"]
+    with pytest.raises(FileExistsError):
+        build(os.path.join(tiny_folder, "train"), os.path.join(tiny_folder, "val"), out)
