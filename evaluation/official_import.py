@@ -116,7 +116,8 @@ def read_official(path: str) -> Imported:
     known = "; ".join(f"{lay.name}: {', '.join(sorted({(c + ':' if c else '') + p for c, p in lay.evaluated}))}"
                       for lay in LAYOUTS[:-1])
     raise CheckpointError(f"{path}: unknown checkpoint layout ({describe(obj)}). Known layouts (container:prefix "
-                          f"of the evaluated ResNet): {known}; or a bare torchvision ResNet state dict")
+                          f"of the evaluated ResNet): {known}; or a bare torchvision ResNet state dict. Only ResNet "
+                          "backbones are read (a ViT checkpoint is not)")
 
 
 def timm_backbone(sd: dict[str, torch.Tensor], arch: str | None, what: str) -> nn.Module:

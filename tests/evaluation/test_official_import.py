@@ -115,7 +115,7 @@ def _torchvision_features(arch: str, sd: dict, x: torch.Tensor) -> torch.Tensor:
         return ref.eval()(x)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_imported_timm_backbone_matches_torchvision(nets, tmp_path, arch):
     sd = nets["a"] if arch == "resnet18" else nets["r50"]
     path = str(tmp_path / "checkpoint.pth")
@@ -130,6 +130,7 @@ def test_imported_timm_backbone_matches_torchvision(nets, tmp_path, arch):
     torch.testing.assert_close(got, _torchvision_features(arch, sd, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_flashssl_checkpoint_puts_each_network_in_its_slot(nets, tmp_path):
     """ReSA evaluates the momentum encoder (flashssl teacher slot); the online encoder goes to the student."""
     obj, *_ = _layouts(nets["a"], nets["b"])["resa_full"]

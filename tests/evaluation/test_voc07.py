@@ -122,6 +122,7 @@ def test_reader_errors_name_the_problem(tmp_path):
         read_voc_split(root, "trainval")
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_cache(tiny_ckpt, tmp_path, capsys):
     root = make_voc(tmp_path / "voc")
     out = str(tmp_path / "voc07.json")
