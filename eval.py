@@ -239,7 +239,7 @@ def run_voc07(args) -> dict:
     frozen = frozen_for(backbone, cfg, device, autocast_dtype(precision, device))
     res = voc07_of_backbone(frozen, args.voc_dir, args.size or cfg.data.eval_size, cfg.eval.batch_size,
                             cfg.data.workers, _cache(args, path, args.weights, precision), device, args.costs,
-                            args.folds, args.seed, (args.train_split, args.test_split))
+                            args.folds, args.seed, (args.train_split, args.test_split), args.jobs)
     res.update(kind="voc07_svm", checkpoint=path, method=cfg.method, backbone=cfg.model.backbone,
                weights=args.weights, voc_dir=args.voc_dir, precision=precision)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "voc07_eval.json")

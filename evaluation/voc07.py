@@ -151,20 +151,30 @@ def fit_class(x: np.ndarray, labels: np.ndarray, costs: Sequence[float], folds: 
     return _svm(best, x, y), best, cv
 
 
+def _test_class(train_x, train_y, test_x, test_y, costs, folds, seed) -> dict:
+    model, cost, cv = fit_class(train_x, train_y, costs, folds, seed)
+    scores = model.decision_function(test_x)
+    return {"ap": 100 * ap_11point(scores, test_y), "ap_area": 100 * ap_area(scores, test_y), "cost": cost,
+            "cv_ap": {str(k): 100 * v for k, v in cv.items()}}
+
+
 def voc07_svm(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
               costs: Sequence[float] = DEFAULT_COSTS, folds: int = 3, seed: int = 0,
-              classes: Sequence[str] = VOC_CLASSES) -> dict:
-    """Per-class SVMs on (N, D) features with (N, C) {1, 0, -1} labels -> per-class and mean AP (both definitions)."""
+              classes: Sequence[str] = VOC_CLASSES, jobs: int = 1) -> dict:
+    """Per-class SVMs on (N, D) features with (N, C) {1, 0, -1} labels -> per-class and mean AP (both definitions).
+
+    ``jobs`` classes are trained in parallel (joblib processes; -1 = all cores); results do not depend on it.
+    """
+    from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    per_class = {}
-    for c, name in enumerate(tqdm(classes, desc="voc07 svm", unit="class")):
-        model, cost, cv = fit_class(train_x, train_y[:, c], costs, folds, seed)
-        scores = model.decision_function(test_x)
-        if not (test_y[:, c] == 1).any():
-            raise ConfigError(f"class {name!r} has no positive test image: its AP is undefined")
-        per_class[name] = {"ap": 100 * ap_11point(scores, test_y[:, c]), "ap_area": 100 * ap_area(scores, test_y[:, c]),
-                           "cost": cost, "cv_ap": {str(k): 100 * v for k, v in cv.items()}}
+    empty = [name for c, name in enumerate(classes) if not (test_y[:, c] == 1).any()]
+    if empty:
+        raise ConfigError(f"classes {empty} have no positive test image: their AP is undefined")
+    tasks = (delayed(_test_class)(train_x, train_y[:, c], test_x, test_y[:, c], costs, folds, seed)
+             for c in range(len(classes)))
+    results = Parallel(n_jobs=jobs, return_as="generator")(tasks)
+    per_class = dict(zip(classes, tqdm(results, total=len(classes), desc="voc07 svm", unit="class")))
     return {"map": float(np.mean([r["ap"] for r in per_class.values()])),
             "map_area": float(np.mean([r["ap_area"] for r in per_class.values()])), "per_class": per_class}
 
@@ -174,7 +184,7 @@ def l2_normalize(x: torch.Tensor) -> np.ndarray:
 
 
 def voc07_of_backbone(frozen, voc_dir: str, size: int, batch_size: int, workers: int, cache, device,
-                      costs: Sequence[float], folds: int, seed: int, splits: tuple[str, str]) -> dict:
+                      costs: Sequence[float], folds: int, seed: int, splits: tuple[str, str], jobs: int = 1) -> dict:
     """Embed the two splits (through ``cache``), train and test the SVMs. ``frozen``: FrozenBackbone."""
     from evaluation.features import embed_split
 
@@ -187,7 +197,7 @@ def voc07_of_backbone(frozen, voc_dir: str, size: int, batch_size: int, workers:
                                  lambda d=data: {"x": embed_split(frozen, d, batch_size)[0]}, device, voc_dir)["x"]
         feats[split] = (l2_normalize(x.cpu()), data.targets)
     t1 = time.perf_counter()
-    res = voc07_svm(*feats[splits[0]], *feats[splits[1]], costs=costs, folds=folds, seed=seed)
+    res = voc07_svm(*feats[splits[0]], *feats[splits[1]], costs=costs, folds=folds, seed=seed, jobs=jobs)
     res.update(train_images=len(feats[splits[0]][1]), test_images=len(feats[splits[1]][1]), crop=[size, resize],
                costs=list(costs), folds=folds, feature_seconds=t1 - t0, svm_seconds=time.perf_counter() - t1)
     return res
@@ -202,6 +212,7 @@ def add_voc07_parser(sub, add_common, add_cache) -> None:
     p.add_argument("--costs", type=float, nargs="+", default=list(DEFAULT_COSTS), help="SVM cost sweep")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds of the cost selection")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="classes trained in parallel (-1 = all cores)")
     p.add_argument("--size", type=int, default=0, help="center-crop side; 0 = the checkpoint's data.eval_size")
     p.add_argument("--out", default=None, help="results JSON (default <run dir>/voc07_eval.json)")
     add_cache(p)

@@ -77,6 +77,9 @@ def test_svm_protocol_separable_and_chance_classes():
     assert res["per_class"]["noise"]["ap"] < 70
     assert res["map"] == pytest.approx((res["per_class"]["sep"]["ap"] + res["per_class"]["noise"]["ap"]) / 2)
     assert set(res["per_class"]["sep"]["cv_ap"]) == {"0.01", "1.0"}
+    small = (x[:60], y[:60], x[60:90], y[60:90])
+    one = voc07_svm(*small, costs=(1.0,), folds=2, classes=("sep", "noise"))
+    assert voc07_svm(*small, costs=(1.0,), folds=2, classes=("sep", "noise"), jobs=2) == one  # parallel = serial
 
 
 def make_voc(root, n_trainval: int = 12, n_test: int = 8) -> str:
