@@ -77,9 +77,16 @@ def test_svm_protocol_separable_and_chance_classes():
     assert res["per_class"]["noise"]["ap"] < 70
     assert res["map"] == pytest.approx((res["per_class"]["sep"]["ap"] + res["per_class"]["noise"]["ap"]) / 2)
     assert set(res["per_class"]["sep"]["cv_ap"]) == {"0.01", "1.0"}
-    small = (x[:60], y[:60], x[60:90], y[60:90])
-    one = voc07_svm(*small, costs=(1.0,), folds=2, classes=("sep", "noise"))
-    assert voc07_svm(*small, costs=(1.0,), folds=2, classes=("sep", "noise"), jobs=2) == one  # parallel = serial
+
+
+@pytest.mark.slow
+def test_svm_in_parallel_equals_serial():
+    """--jobs 2 trains the classes in joblib worker processes (their start-up makes this test slow)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(90, 8)), (rng.random((90, 2)) < 0.4).astype(np.int8)
+    small = (x[:60], y[:60], x[60:], y[60:])
+    one = voc07_svm(*small, costs=(1.0,), folds=2, classes=("a", "b"))
+    assert voc07_svm(*small, costs=(1.0,), folds=2, classes=("a", "b"), jobs=2) == one
 
 
 def make_voc(root, n_trainval: int = 12, n_test: int = 8) -> str:
