@@ -4,6 +4,9 @@
     python eval.py linear --fast --checkpoint runs/dino_demo --data data/demo/train --val-data data/demo/val
     python eval.py knn --checkpoint runs/dino_demo --train-dir data/demo/train --val-dir data/demo/val
     python eval.py export --checkpoint runs/dino_demo --out backbone.safetensors
+    python eval.py export --format detectron2 --checkpoint runs/dino_demo --out backbone_d2.pkl
+    python eval.py voc07 --checkpoint runs/dino_demo --voc-dir VOCdevkit/VOC2007
+    python eval.py import --checkpoint resa_resnet50_full_bs256_ep100.pth --out runs/resa_official
 
 ``--checkpoint`` takes a checkpoint file or a run directory (its newest valid checkpoint is used). Data arguments take
 an ImageFolder directory or an FFCV ``.beton`` file. Linear-probe hyperparameters: the method's official protocol
