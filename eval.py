@@ -4,6 +4,9 @@
     python eval.py linear --fast --checkpoint runs/dino_demo --data data/demo/train --val-data data/demo/val
     python eval.py knn --checkpoint runs/dino_demo --train-dir data/demo/train --val-dir data/demo/val
     python eval.py export --checkpoint runs/dino_demo --out backbone.safetensors
+    python eval.py export --format detectron2 --checkpoint runs/dino_demo --out backbone_d2.pkl
+    python eval.py voc07 --checkpoint runs/dino_demo --voc-dir VOCdevkit/VOC2007
+    python eval.py import --checkpoint resa_resnet50_full_bs256_ep100.pth --out runs/resa_official
 
 ``--checkpoint`` takes a checkpoint file or a run directory (its newest valid checkpoint is used). Data arguments take
 an ImageFolder directory or an FFCV ``.beton`` file. Linear-probe hyperparameters: the method's official protocol
@@ -78,7 +81,9 @@ def add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="backbone weights as .safetensors loadable by timm.create_model(pretrained=True)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
     p.add_argument("--weights", default="auto", choices=["auto", "student", "teacher"])
-    p.add_argument("--out", required=True, help="output file, must end in .safetensors")
+    p.add_argument("--out", required=True, help="output file: .safetensors (timm) or .pkl (detectron2)")
+    p.add_argument("--format", default="timm", choices=["timm", "detectron2"],
+                   help="timm: .safetensors for timm.create_model; detectron2: ResNet .pkl (MoCo's detection transfer)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading with timm and comparing features")
 
 
@@ -207,6 +212,12 @@ def run_export(args) -> dict:
     from evaluation.export import export_backbone, usage, verify_export
 
     path = resolve_checkpoint(args.checkpoint)
+    if args.format == "detectron2":
+        from evaluation.detectron2_export import export_detectron2
+
+        res = export_detectron2(path, args.out, args.weights)
+        print(f"wrote {res['out']}: {res['tensors']} tensors in detectron2 names; config: {res['config_hint']}")
+        return res
     meta = export_backbone(path, args.out, args.weights)
     print(f"wrote {args.out}\n{usage(meta, args.out)}")
     if not args.no_verify:
@@ -217,19 +228,47 @@ def run_export(args) -> dict:
     return meta
 
 
+def run_voc07(args) -> dict:
+    from engine.setup import autocast_dtype
+    from evaluation.knn_eval import frozen_for
+    from evaluation.load import load_backbone
+    from evaluation.voc07 import print_voc07, voc07_of_backbone
+
+    path = resolve_checkpoint(args.checkpoint)
+    device = _device(args.device)
+    backbone, cfg = load_backbone(path, args.weights)
+    precision = _precision("auto", cfg, device)
+    frozen = frozen_for(backbone, cfg, device, autocast_dtype(precision, device))
+    res = voc07_of_backbone(frozen, args.voc_dir, args.size or cfg.data.eval_size, cfg.eval.batch_size,
+                            cfg.data.workers, _cache(args, path, args.weights, precision), device, args.costs,
+                            args.folds, args.seed, (args.train_split, args.test_split), args.jobs)
+    res.update(kind="voc07_svm", checkpoint=path, method=cfg.method, backbone=cfg.model.backbone,
+               weights=args.weights, voc_dir=args.voc_dir, precision=precision)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "voc07_eval.json")
+    _write_json(res, out)
+    print_voc07(res, out)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_knn_parser(sub)
     add_linear_parser(sub)
     add_export_parser(sub)
+    from evaluation.official_import import add_import_parser, run_import
+    from evaluation.voc07 import add_voc07_parser
+
+    add_import_parser(sub)
+    add_voc07_parser(sub, _add_common, _add_cache)
     args = parse_args_with_overrides(parser, argv)
     from runtime import dist
     from runtime.checkpoint import CheckpointError
     from runtime.config_loader import ConfigError
 
     try:
-        {"knn": run_knn, "linear": run_linear, "export": run_export}[args.command](args)
+        {"knn": run_knn, "linear": run_linear, "export": run_export, "import": run_import,
+         "voc07": run_voc07}[args.command](args)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

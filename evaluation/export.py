@@ -31,8 +31,6 @@ def backbone_tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_backbone(checkpoint: str, out: str, which: str = "auto") -> dict:
     """Write the backbone of ``checkpoint`` to ``out`` (.safetensors); returns the metadata written."""
-    from safetensors.torch import save_file
-
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out {out!r}: must end in .safetensors (timm picks its loader by this suffix)")
     method, cfg, state = method_from_checkpoint(checkpoint)
@@ -41,6 +39,14 @@ def export_backbone(checkpoint: str, out: str, which: str = "auto") -> dict:
     meta = {"architecture": cfg.model.backbone, "method": cfg.method, "weights": resolved,
             "step": str(state.get("step", "")), "source": os.path.abspath(checkpoint),
             "num_features": str(getattr(backbone, "num_features", "")), "format": "timm state_dict, num_classes=0"}
+    save_backbone_file(backbone, out, meta)
+    return meta
+
+
+def save_backbone_file(backbone: nn.Module, out: str, meta: dict[str, str]) -> None:
+    """Atomically write ``backbone``'s state_dict with string ``meta`` as a .safetensors file (temp file + rename)."""
+    from safetensors.torch import save_file
+
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.{os.getpid()}"
     try:
@@ -49,7 +55,6 @@ def export_backbone(checkpoint: str, out: str, which: str = "auto") -> dict:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return meta
 
 
 def load_exported(path: str, num_classes: int = 0, name: str | None = None) -> nn.Module:
