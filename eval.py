@@ -21,14 +21,9 @@ import time
 
 
 def resolve_checkpoint(spec: str) -> str:
-    from runtime.checkpoint import CheckpointError, find_resumable
+    from evaluation.load import resolve_checkpoint as resolve
 
-    if os.path.isdir(spec):
-        found = find_resumable(spec)
-        if found is None:
-            raise CheckpointError(f"no valid checkpoint (ckpt_step*.pt) in directory {spec}")
-        return found[0]
-    return spec
+    return resolve(spec)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -219,18 +214,21 @@ def run_export(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evaluation.semi import add_semi_parser, run_semi
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_knn_parser(sub)
     add_linear_parser(sub)
     add_export_parser(sub)
+    add_semi_parser(sub)
     args = parser.parse_args(argv)
     from runtime import dist
     from runtime.checkpoint import CheckpointError
     from runtime.config_loader import ConfigError
 
     try:
-        {"knn": run_knn, "linear": run_linear, "export": run_export}[args.command](args)
+        {"knn": run_knn, "linear": run_linear, "export": run_export, "semi": run_semi}[args.command](args)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

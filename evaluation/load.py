@@ -8,12 +8,13 @@ config builds (missing or unexpected keys, wrong shapes).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
 
 from methods import build_method
-from runtime.checkpoint import CheckpointError, load_checkpoint
+from runtime.checkpoint import CheckpointError, find_resumable, load_checkpoint
 from runtime.config import Config, config_from_dict
 from runtime.config_loader import ConfigError
 
@@ -62,3 +63,13 @@ def load_backbone(path: str, which: str = "auto") -> tuple[nn.Module, Config]:
     """The backbone to evaluate: ``which`` in {'auto', 'student', 'teacher'} (auto = the method's official choice)."""
     method, cfg = load_method(path)
     return method.backbone_for_eval(which), cfg
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """A checkpoint file, or the newest valid ``ckpt_step*.pt`` of a run directory (CheckpointError if none)."""
+    if os.path.isdir(spec):
+        found = find_resumable(spec)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint (ckpt_step*.pt) in directory {spec}")
+        return found[0]
+    return spec

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -103,8 +103,13 @@ def collate(n_global: int, augmented: bool):
 class TorchvisionLoader:
     """The loader interface: ``len(loader)`` batches per epoch per rank and ``epoch_iter(epoch, start)``."""
 
-    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int, device: torch.device,
+                 indices: Sequence[int] | None = None):
         self.dataset = MultiCropFolder(cfg.train_path, cfg, seed)
+        if indices is not None:  # a subset: sample i of the loader is image indices[i] of the folder
+            folder = self.dataset.folder
+            folder.samples = [folder.samples[i] for i in indices]
+            folder.targets = [s[1] for s in folder.samples]
         self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, seed, rank, world_size)
         self.loader = DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
