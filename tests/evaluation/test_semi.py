@@ -215,3 +215,21 @@ def test_cli_beton_subset_matches_its_samples_tsv(tiny_folder, tiny_betons, tmp_
     ckpt = save_tiny_checkpoint(str(tmp_path / "ckpt_step00000003.pt"), overrides=["data.loader=ffcv"])
     rc, out = _semi(ckpt, train, val, tmp_path, "--subset", str(tmp_path / "list.txt"))
     assert rc == 0 and json.load(open(out))["subset_images"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["folder", "beton"])
+def test_probe_loader_reads_only_the_subset(kind, tiny_folder, tiny_betons):
+    from evaluation.eval_loaders import build_probe_train_loader
+
+    path = os.path.join(tiny_folder, "train") if kind == "folder" else tiny_betons[0]
+    subset = [1, 4, 5, 13, 20, 23]
+    loader = build_probe_train_loader(path, size=16, scale=(0.5, 1.0), interpolation="bilinear", batch_size=3,
+                                      workers=0, seed=0, rank=0, world_size=1, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                      indices=subset)
+    assert len(loader) == 2
+    for epoch in (0, 1):
+        seen = torch.cat([b.indices for b in loader.epoch_iter(epoch)]).tolist()
+        assert sorted(seen) == subset  # dataset indices, each subset image once per epoch
+        labels = torch.cat([b.labels for b in loader.epoch_iter(epoch)]).tolist()
+        assert labels == [int(i >= 12) for i in seen]  # tiny folder: images 0-11 class 0, 12-23 class 1
