@@ -190,8 +190,13 @@ class TrainConfig:
     resume: str = ""  # '' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path
     knn_at_end: bool = True  # run weighted kNN on data.val_path after training
     tensorboard: bool = True
+    # linear classifier on detached backbone features, trained alongside SSL (runtime/online_probe.py)
+    online_probe: bool = False
+    online_probe_lr: float = 1e-3  # Adam; MV-MR's OnlineFineTuner uses 1e-4
 
     def __post_init__(self) -> None:
+        if self.online_probe_lr <= 0:
+            raise ConfigError(f"train.online_probe_lr: must be > 0, got {self.online_probe_lr}")
         if self.epochs < 1:
             raise ConfigError(f"train.epochs: must be >= 1, got {self.epochs}")
         if self.keep_last < 1:
