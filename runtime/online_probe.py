@@ -129,8 +129,10 @@ def build_online_probe(cfg, method: nn.Module, device: torch.device) -> OnlinePr
     if cfg.data.loader == "dali":
         raise ConfigError("train.online_probe: reads the class count from an ImageFolder or .beton; "
                           "data.loader=dali is not supported")
+    from evaluation.eval_loaders import data_kind
     from models.backbone import feature_dim
 
+    data_kind(cfg.eval.val_dir, "eval.val_dir")  # fail now, not after the first epoch
     backbone = method.student.backbone
     return OnlineProbe(backbone, feature_dim(backbone), count_classes(cfg.data.train_path), cfg.data.batch_size,
                        cfg.train.online_probe_lr, device, cfg.train.seed)

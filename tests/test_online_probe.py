@@ -95,3 +95,5 @@ def test_online_probe_config_errors(tiny_folder, tmp_path):
         _cfg(tiny_folder, tmp_path, "train.online_probe_lr=0")
     with pytest.raises(ConfigError, match="model.compile=false"):
         Trainer(_cfg(tiny_folder, tmp_path, "train.online_probe=true", "model.compile=true"))
+    with pytest.raises(ConfigError, match="eval.val_dir: .*nowhere.* does not exist"):
+        Trainer(_cfg(tiny_folder, tmp_path, "train.online_probe=true", f"eval.val_dir={tmp_path}/nowhere"))
