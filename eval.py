@@ -251,6 +251,8 @@ def run_voc07(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evaluation.semi import add_semi_parser, run_semi
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_knn_parser(sub)
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_import_parser(sub)
     add_voc07_parser(sub, _add_common, _add_cache)
+    add_semi_parser(sub)
     args = parse_args_with_overrides(parser, argv)
     from runtime import dist
     from runtime.checkpoint import CheckpointError
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         {"knn": run_knn, "linear": run_linear, "export": run_export, "import": run_import,
-         "voc07": run_voc07}[args.command](args)
+         "voc07": run_voc07, "semi": run_semi}[args.command](args)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -41,6 +41,9 @@ class TrainConfig:
     resume: str = ""  # '' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path
     knn_at_end: bool = True  # run weighted kNN on data.val_path after training
     tensorboard: bool = True
+    # linear classifier on detached backbone features, trained alongside SSL (engine/online_probe.py)
+    online_probe: bool = False
+    online_probe_lr: float = bounded(1e-3, gt=0)  # Adam; MV-MR's OnlineFineTuner uses 1e-4
 
 
 @dataclass

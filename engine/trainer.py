@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from engine.collapse import CollapseMonitor
 from engine.config import Config, config_to_dict
+from engine.online_probe import build_online_probe
 from engine.setup import autocast_ctx, make_augment, pick_device, resolve_precision, seed_everything
 from methods import StepContext, build_method
 from models.parallelize import parallelize, unwrap
@@ -73,6 +74,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.method.student, cfg.optim, self.device.type)
         self.collapse = None if cfg.model.compile else CollapseMonitor(self.method.student.backbone,
                                                                        cfg.data.batch_size)
+        self.probe = build_online_probe(cfg, self.method, self.device)  # None unless train.online_probe
         fp16 = cfg.model.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.state = TrainState()
@@ -99,6 +101,7 @@ class Trainer:
                 "step": self.state.step,
                 "config": config_to_dict(self.cfg),
                 "meta": {"method": self.cfg.method, "backbone": self.cfg.model.backbone, "format": 1},
+                **({"online_probe": self.probe.state_dict()} if self.probe is not None else {}),
             }, path)
             self.run.prune(self.cfg.train.keep_last)
         dist.barrier()
@@ -120,6 +123,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.augment is not None and state.get("augment"):
             self.augment.load_state_dict(state["augment"])
+        if self.probe is not None and "online_probe" in state:
+            self.probe.load_state_dict(state["online_probe"])
         ckpt.set_rng_state(state["rng"])
         self.state.step = int(state["step"])
         log(f"[resume] {path} at step {self.state.step}")
@@ -138,6 +143,8 @@ class Trainer:
         monitor = self.collapse is not None and self._logs_at(ctx.step + 1)
         if monitor:
             self.collapse.arm()
+        if self.probe is not None:
+            self.probe.arm()
         with autocast_ctx(cfg.model.precision, self.device):
             out = self.model(views, batch.n_global, ctx)
         self.optimizer.zero_grad(set_to_none=True)
@@ -153,6 +160,8 @@ class Trainer:
         logs["lr"], logs["wd"] = torch.tensor(lr), torch.tensor(wd)
         if monitor:
             logs.update(self.collapse.stats())
+        if self.probe is not None:  # after the SSL update, on features detached from it
+            logs.update(self.probe.step(batch.labels, read=self._logs_at(ctx.step + 1)))
         return logs
 
     def _logs_at(self, step: int) -> bool:
@@ -189,6 +198,8 @@ class Trainer:
                     self.save()
                 t_wait = time.perf_counter()
             self._check_finite(finite)
+            if self.probe is not None:
+                self._probe_val(bar)
             self.save()
         bar.close()
         self.metrics.close()
@@ -203,7 +214,18 @@ class Trainer:
         self.state.history.append({"step": self.state.step, **values})
         self.metrics.write(self.state.step, values)
         extra = {"rank": f"{values['feat_rank']:.1f}"} if "feat_rank" in values else {}
+        if "probe_top1" in values:
+            extra["probe"] = f"{values['probe_top1']:.1f}%"
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{ips:.0f}", **extra)
+
+    def _probe_val(self, bar) -> None:
+        """Online probe on eval.val_dir at an epoch end, logged at the current step."""
+        cfg = self.cfg
+        values = self.probe.evaluate(self.method.student.backbone, cfg.eval.val_dir, cfg.data.eval_size, cfg.data.mean,
+                                     cfg.data.std, cfg.eval.batch_size, cfg.data.workers, cfg.model.channels_last)
+        self.state.history.append({"step": self.state.step, **values})
+        self.metrics.write(self.state.step, values)
+        bar.set_postfix(probe_val=f"{values['probe_val_top1']:.1f}%")
 
     def _check_finite(self, finite: torch.Tensor) -> None:
         if not bool(finite):  # SYNC

@@ -189,8 +189,10 @@ def check_same_classes(train: EvalSplit, val: EvalSplit, num_classes: int | None
 
 def build_probe_train_loader(path: str, *, size: int, scale: tuple[float, float], interpolation: str,
                              batch_size: int, workers: int, seed: int, rank: int, world_size: int,
-                             mean: Sequence[float], std: Sequence[float]):
+                             mean: Sequence[float], std: Sequence[float], indices: Sequence[int] | None = None):
     """RandomResizedCrop(size, scale) + flip batches of ``path`` (the training loaders with one crop-only view).
+
+    ``indices``: train on these samples only (the labelled subset of ``eval.py semi``); None = the whole split.
 
     Returns the loader interface of ``pipeline.build_loader``: ``len(loader)`` full batches per rank and
     ``epoch_iter(epoch)`` yielding :class:`pipeline.batch.Batch` with ``views[0]`` uint8 (B, 3, size, size).
@@ -203,7 +205,8 @@ def build_probe_train_loader(path: str, *, size: int, scale: tuple[float, float]
                       workers=workers, views=[view], device_augment=True, interpolation=interpolation,
                       mean=tuple(mean), std=tuple(std))
     try:
-        return build_loader(data, seed=seed, rank=rank, world_size=world_size, device=torch.device("cpu"))
+        return build_loader(data, seed=seed, rank=rank, world_size=world_size, device=torch.device("cpu"),
+                            indices=indices)
     except ConfigError as e:  # the training loaders name training keys; say which probe setting is meant
         msg = str(e).replace("data.train_path", "probe train data", 1).replace("data.batch_size", "batch_size", 1)
         raise ConfigError(msg) from None

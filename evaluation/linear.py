@@ -14,10 +14,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from evaluation.config import LinearConfig
 from evaluation.eval_loaders import EvalSplit, rank_indices
@@ -92,7 +95,7 @@ def evaluate(frozen: FrozenBackbone, head: nn.Module, split: EvalSplit, batch_si
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
 
 
-def _wrap_ddp(head: nn.Module, device: torch.device) -> nn.Module:
+def wrap_ddp(head: nn.Module, device: torch.device) -> nn.Module:
     if not dist.is_dist():
         return head
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -100,18 +103,60 @@ def _wrap_ddp(head: nn.Module, device: torch.device) -> nn.Module:
     return DDP(head, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _resume(state_path: str | None, key: str, head: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
+def _resume(state_path: str | None, key: str, module: nn.Module, opt: torch.optim.Optimizer,
+            tag: str = "linear") -> tuple[int, list]:
     """(first epoch to run, history so far) from a matching state file, else (0, [])."""
     if not state_path or not os.path.isfile(state_path):
         return 0, []
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     if state.get("key") != key:
-        log(f"[linear] {state_path} belongs to another checkpoint/data/config; starting from epoch 0")
+        log(f"[{tag}] {state_path} belongs to another checkpoint/data/config; starting from epoch 0")
         return 0, []
-    head.load_state_dict(state["head"])
+    module.load_state_dict(state["head"])
     opt.load_state_dict(state["optimizer"])
-    log(f"[linear] resuming from {state_path} at epoch {state['epoch'] + 1}")
+    log(f"[{tag}] resuming from {state_path} at epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, list(state["history"])
+
+
+def train_epochs(module: nn.Module, opt: torch.optim.Optimizer, train_loader, loss_fn: Callable[[Any], torch.Tensor],
+                 evaluate_fn: Callable[[], dict[str, float]], cfg, *, state_path: str | None = None,
+                 resume_key: str = "", tag: str = "linear") -> list[dict]:
+    """The epoch loop shared by the linear probe and semi-supervised fine-tuning; returns the per-epoch rows.
+
+    Each step sets every param group's lr to :func:`lr_at` of its ``peak`` (groups carry their own peak: the
+    fine-tuner has one for the backbone and one for the classifier), then ``loss_fn(batch)`` -> backward -> step.
+    ``evaluate_fn()`` (top-1/top-5 on the validation split) runs every ``cfg.eval_every`` epochs and after the last.
+    ``module`` (everything trained), the optimiser and the history are saved to ``state_path`` after every epoch
+    (rank 0, atomically); a state file with the same ``resume_key`` is resumed at its next epoch.
+    ``cfg`` needs ``epochs``, ``eval_every`` and the fields :func:`lr_at` reads.
+    """
+    spe = len(train_loader)
+    device = next(module.parameters()).device
+    start, history = _resume(state_path, resume_key, module, opt, tag)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        bar = tqdm(train_loader.epoch_iter(epoch), total=spe, desc=f"[{tag}] epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not dist.is_main(), leave=False, dynamic_ncols=True)
+        for it, batch in enumerate(bar):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch * spe + it, spe, cfg, g["peak"])
+            loss = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+        dist.all_reduce_mean(loss_sum)  # mean over ranks of per-rank means = the global-batch loss (equal shards)
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / max(1, spe), "lr_end": opt.param_groups[0]["lr"]}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
+            row.update(evaluate_fn())
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        log(f"[{tag}] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if state_path and dist.is_main():
+            atomic_save({"key": resume_key, "epoch": epoch, "head": module.state_dict(), "optimizer": opt.state_dict(),
+                         "history": history, "config": to_dict(cfg)}, state_path)
+    return history
 
 
 def train_linear_probe(frozen: FrozenBackbone, train_loader, val_split: EvalSplit, num_classes: int,
@@ -126,35 +171,18 @@ def train_linear_probe(frozen: FrozenBackbone, train_loader, val_split: EvalSpli
         resume_key: identifies checkpoint + data + config; a state file with another key is not resumed.
     """
     head = LinearHead(frozen.feature_dim, num_classes, cfg.head_norm).to(frozen.device)
-    model = _wrap_ddp(head, frozen.device)
-    opt = build_probe_optimizer([{"params": list(head.parameters())}], cfg)
-    spe = len(train_loader)
+    model = wrap_ddp(head, frozen.device)
     global_batch = cfg.batch_size // dist.world_size() * dist.world_size()
     peak = peak_lr(cfg, global_batch)
-    start, history = _resume(state_path, resume_key, head, opt)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=frozen.device)
-        for it, batch in enumerate(train_loader.epoch_iter(epoch)):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(epoch * spe + it, spe, cfg, peak)
-            with torch.no_grad():
-                feats = frozen(batch.views[0])
-            loss = F.cross_entropy(model(feats), batch.labels.to(frozen.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-        dist.all_reduce_mean(loss_sum)  # mean over ranks of per-rank means = the global-batch loss (equal shards)
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / max(1, spe), "lr_end": opt.param_groups[0]["lr"]}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
-            row.update(evaluate(frozen, head, val_split, eval_batch_size))
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        log("[linear] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        if state_path and dist.is_main():
-            atomic_save({"key": resume_key, "epoch": epoch, "head": head.state_dict(), "optimizer": opt.state_dict(),
-                         "history": history, "config": to_dict(cfg)}, state_path)
+    opt = build_probe_optimizer([{"params": list(head.parameters()), "peak": peak}], cfg)
+
+    def loss_fn(batch) -> torch.Tensor:
+        with torch.no_grad():
+            feats = frozen(batch.views[0])
+        return F.cross_entropy(model(feats), batch.labels.to(frozen.device))
+
+    history = train_epochs(head, opt, train_loader, loss_fn, lambda: evaluate(frozen, head, val_split, eval_batch_size),
+                           cfg, state_path=state_path, resume_key=resume_key)
     return summarize(history, cfg, peak, global_batch)
 
 

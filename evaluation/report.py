@@ -43,7 +43,8 @@ def print_linear_summary(res: dict, out: str | None = None) -> None:
 
     if not dist.is_main():
         return
-    kind = "fast linear probe (cached features)" if res.get("kind") == "linear_fast_eval" else "linear probe"
+    kind = {"linear_fast_eval": "fast linear probe (cached features)",
+            "semi_eval": "semi-supervised fine-tuning"}.get(res.get("kind"), "linear probe")
     best, last = res["best"], res["last"]
     print(f"\n{kind}: {res.get('method', '?')} {res.get('backbone', '?')} ({res.get('weights', 'auto')} weights), "
           f"protocol {res['protocol']}, peak lr {res['peak_lr']:.4g}, {res.get('num_classes', '?')} classes")

@@ -24,7 +24,7 @@ import math
 import os
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numba
 import numpy as np
@@ -172,7 +172,8 @@ class FFCVLoader:
     """Multi-crop batches from a ``.beton``; see the module docstring. Build with :func:`build_ffcv_loader`."""
 
     def __init__(self, path: str, data_cfg: DataConfig, *, seed: int, rank: int, world_size: int,
-                 device: torch.device, flip: bool = True, batches_ahead: int = 3) -> None:
+                 device: torch.device, flip: bool = True, batches_ahead: int = 3,
+                 indices: Sequence[int] | None = None) -> None:
         import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
@@ -194,6 +195,7 @@ class FFCVLoader:
         self.loader = Loader(
             path, batch_size=data_cfg.batch_size, num_workers=threads, os_cache=data_cfg.os_cache,
             order=self.order, distributed=False, seed=seed, drop_last=True, batches_ahead=batches_ahead,
+            indices=None if indices is None else np.asarray(indices, dtype=np.int64),
             pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                        "label": PipelineSpec("label", decoder=IntDecoder()),
                        "index": PipelineSpec("label", decoder=IndexDecoder())},
@@ -296,7 +298,7 @@ def split_views_checked(images: np.ndarray, sizes: list[int], indices: np.ndarra
 
 
 def build_ffcv_loader(data_cfg: DataConfig, *, seed: int, rank: int, world_size: int, device: torch.device,
-                      flip: bool = True, batches_ahead: int = 3) -> FFCVLoader:
+                      flip: bool = True, batches_ahead: int = 3, indices: Sequence[int] | None = None) -> FFCVLoader:
     """Build the FFCV multi-crop loader for ``data_cfg.train_path`` (a ``.beton``); see the module docstring.
 
     Args:
@@ -306,6 +308,7 @@ def build_ffcv_loader(data_cfg: DataConfig, *, seed: int, rank: int, world_size:
         device: where batches are delivered (CPU tensors alias FFCV buffers; CUDA gets a non-blocking copy).
         flip: apply each view's horizontal flip in the loader (False: leave it to ``DeviceAugment(flip=True)``).
         batches_ahead: batches decoded in advance (memory = (batches_ahead + 2) batch buffers).
+        indices: read only these samples of the .beton (None = all); order and sharding are over the subset.
     """
     return FFCVLoader(data_cfg.train_path, data_cfg, seed=seed, rank=rank, world_size=world_size, device=device,
-                      flip=flip, batches_ahead=batches_ahead)
+                      flip=flip, batches_ahead=batches_ahead, indices=indices)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -46,12 +46,15 @@ class MultiCropFolder(Dataset):
         self.transforms = [build_pil_view_transform(v, cfg.mean, cfg.std, cfg.interpolation, crop_only)
                            for v in cfg.expanded_views()]
         self.seed = seed
+        self.subset: list[int] | None = None  # dataset indices to read (None = all), set by TorchvisionLoader
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.folder) if self.subset is None else len(self.subset)
 
     def __getitem__(self, item: tuple[int, int]):
         index, epoch = item
+        if self.subset is not None:  # crops and the reported index follow the image, not its position in the subset
+            index = self.subset[index]
         s = sample_seed(self.seed, epoch, index)
         random.seed(s)
         torch.manual_seed(s)
@@ -103,8 +106,11 @@ def collate(n_global: int, augmented: bool):
 class TorchvisionLoader:
     """The loader interface: ``len(loader)`` batches per epoch per rank and ``epoch_iter(epoch, start)``."""
 
-    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int, device: torch.device,
+                 indices: Sequence[int] | None = None):
         self.dataset = MultiCropFolder(cfg.train_path, cfg, seed)
+        if indices is not None:  # a subset: position i of the sampler is image indices[i] of the folder
+            self.dataset.subset = [int(i) for i in indices]
         self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, seed, rank, world_size)
         self.loader = DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
