@@ -251,16 +251,15 @@ def run_voc07(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evaluation.official_import import add_import_parser, run_import
     from evaluation.semi import add_semi_parser, run_semi
+    from evaluation.voc07 import add_voc07_parser
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_knn_parser(sub)
     add_linear_parser(sub)
     add_export_parser(sub)
-    from evaluation.official_import import add_import_parser, run_import
-    from evaluation.voc07 import add_voc07_parser
-
     add_import_parser(sub)
     add_voc07_parser(sub, _add_common, _add_cache)
     add_semi_parser(sub)
