@@ -190,8 +190,29 @@ class TrainConfig:
     resume: str = ""  # '' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path
     knn_at_end: bool = True  # run weighted kNN on data.val_path after training
     tensorboard: bool = True
+    # Collapse guard (runtime/collapse.py), checked at log steps: a criterion that holds for collapse_patience
+    # consecutive log steps prints one warning naming the collapse and its usual fixes and writes an event row to
+    # metrics.jsonl. stop_on_collapse=true then stops the run (train.py exits with code 2), and while a criterion is
+    # holding no checkpoint is written, so the newest one on disk predates the collapse. A threshold of 0 switches
+    # its criterion off. Teacher entropies are fractions of log K (teacher-student methods only).
+    collapse_patience: int = 3  # >= 1
+    stop_on_collapse: bool = False
+    collapse_uniform_entropy: float = 0.97  # uniform collapse: mean per-sample teacher entropy >= this, in (0, 1]
+    collapse_onehot_entropy: float = 0.05  # one-hot collapse: entropy of the batch-mean teacher output <= this, [0, 1)
+    collapse_min_rank: float = 1.5  # dimensional collapse: effective rank of the batch features <= this (>= 0)
+    collapse_min_std_ratio: float = 0.02  # constant output: per-dim std of unit features x sqrt(D) <= this, [0, 1)
 
     def __post_init__(self) -> None:
+        if self.collapse_patience < 1:
+            raise ConfigError(f"train.collapse_patience: must be >= 1 log step, got {self.collapse_patience}")
+        if not 0 <= self.collapse_uniform_entropy <= 1:
+            raise ConfigError("train.collapse_uniform_entropy: a fraction of log K in (0, 1] (0 = off), got "
+                              f"{self.collapse_uniform_entropy}")
+        for name in ("collapse_onehot_entropy", "collapse_min_std_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be in [0, 1) (0 = off), got {getattr(self, name)}")
+        if self.collapse_min_rank < 0:
+            raise ConfigError(f"train.collapse_min_rank: must be >= 0 (0 = off), got {self.collapse_min_rank}")
         if self.epochs < 1:
             raise ConfigError(f"train.epochs: must be >= 1, got {self.epochs}")
         if self.keep_last < 1:
