@@ -36,18 +36,19 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
 
 def _generate(tmp: str, size: int, val_every: int) -> dict[str, int]:
     images, labels = _load()
-    counts = {"train": 0, "val": 0}
+    per_folder: dict[tuple[str, int], int] = {}  # (split, class) -> images written
     seen = np.zeros(10, dtype=int)
     for img, label in zip(images, labels, strict=True):
         split = "val" if seen[label] % val_every == 0 else "train"
         seen[label] += 1
         folder = os.path.join(tmp, split, str(int(label)))
         os.makedirs(folder, exist_ok=True)
+        index = per_folder.get((split, int(label)), 0)
+        per_folder[(split, int(label))] = index + 1
         grey = Image.fromarray(np.round(img * (255 / 16)).astype(np.uint8))
-        grey.resize((size, size), Image.Resampling.BICUBIC).convert("RGB").save(
-            os.path.join(folder, f"{counts[split]:05d}.png"))
-        counts[split] += 1
-    return counts
+        big = grey.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+        big.save(os.path.join(folder, f"{index:05d}.png"))
+    return {s: sum(n for (split, _), n in per_folder.items() if split == s) for s in ("train", "val")}
 
 
 def ensure_digits_dataset(root: str = "data/digits", *, size: int = DEFAULTS["size"],
