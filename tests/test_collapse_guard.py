@@ -136,3 +136,20 @@ def test_train_cli_exits_2_on_collapse_with_stop_on_collapse(tiny_folder, tmp_pa
                          "ssl.teacher_temp=1.0", "ssl.warmup_teacher_temp_epochs=0"])
     assert rc == 2
     assert "uniform collapse at step 2" in capsys.readouterr().err
+
+
+def _mean_worker(rank, world_size, tmpdir):
+    from runtime.collapse import mean_over_ranks
+
+    logs = {"loss": torch.tensor(float(rank)), "feat_rank": torch.tensor(10.0 + 4 * rank),
+            "teacher_entropy": torch.tensor(0.5 + 0.5 * rank)}
+    out = mean_over_ranks(logs)
+    return {k: float(v) for k, v in out.items()}
+
+
+def test_two_ranks_see_the_same_averaged_guard_statistics():
+    from tests.dist_helpers import run_distributed
+
+    r0, r1 = run_distributed(_mean_worker, 2)
+    assert r0["feat_rank"] == r1["feat_rank"] == 12.0 and r0["teacher_entropy"] == r1["teacher_entropy"] == 0.75
+    assert (r0["loss"], r1["loss"]) == (0.0, 1.0)  # only the guard's statistics are reduced
