@@ -199,7 +199,7 @@ class TrainConfig:
     stop_on_collapse: bool = False
     collapse_uniform_entropy: float = 0.97  # uniform collapse: mean per-sample teacher entropy >= this, in (0, 1]
     collapse_onehot_entropy: float = 0.05  # one-hot collapse: entropy of the batch-mean teacher output <= this, [0, 1)
-    collapse_min_rank: float = 1.5  # dimensional collapse: effective rank of the batch features <= this (>= 0)
+    collapse_min_rank: float = 2.0  # dimensional collapse: effective rank of the batch features <= this (>= 0)
     collapse_min_std_ratio: float = 0.02  # constant output: per-dim std of unit features x sqrt(D) <= this, [0, 1)
 
     def __post_init__(self) -> None:
