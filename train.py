@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from engine.collapse import CollapseError
     from engine.config import load_config
     from runtime.checkpoint import CheckpointError
     from runtime.config_loader import ConfigError
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
         if cfg.train.knn_at_end:
             _final_knn(trainer)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, CollapseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

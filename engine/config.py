@@ -44,6 +44,17 @@ class TrainConfig:
     # linear classifier on detached backbone features, trained alongside SSL (engine/online_probe.py)
     online_probe: bool = False
     online_probe_lr: float = bounded(1e-3, gt=0)  # Adam; MV-MR's OnlineFineTuner uses 1e-4
+    # Collapse guard (engine/collapse.py), checked at log steps: a criterion that holds for collapse_patience
+    # consecutive log steps prints one warning naming the collapse and its usual fixes and writes an event row to
+    # metrics.jsonl. stop_on_collapse=true then stops the run (train.py exits with code 2), and while a criterion is
+    # holding no checkpoint is written, so the newest one on disk predates the collapse. A threshold of 0 switches
+    # its criterion off. Teacher entropies are fractions of log K (teacher-student methods only).
+    collapse_patience: int = bounded(3, ge=1)  # log steps
+    stop_on_collapse: bool = False
+    collapse_uniform_entropy: float = bounded(0.97, ge=0, le=1)  # uniform: mean per-sample teacher entropy >= this
+    collapse_onehot_entropy: float = bounded(0.05, ge=0, lt=1)  # one-hot: entropy of the batch-mean output <= this
+    collapse_min_rank: float = bounded(2.0, ge=0)  # dimensional collapse: effective rank of the batch features <= this
+    collapse_min_std_ratio: float = bounded(0.02, ge=0, lt=1)  # constant output: per-dim std of unit features x sqrt(D)
 
 
 @dataclass

@@ -14,11 +14,19 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from engine.collapse import CollapseMonitor
+from engine.collapse import (
+    CollapseError,
+    CollapseGuard,
+    CollapseMonitor,
+    collapse_warning,
+    mean_over_ranks,
+    teacher_stats,
+)
 from engine.config import Config, config_to_dict
 from engine.online_probe import build_online_probe
 from engine.setup import autocast_ctx, make_augment, pick_device, resolve_precision, seed_everything
 from methods import StepContext, build_method
+from models.backbone import feature_dim
 from models.parallelize import parallelize, unwrap
 from optim.build import apply_schedules, build_optimizer, cancel_last_layer_grads, clip_gradients
 from pipeline import build_loader
@@ -75,6 +83,7 @@ class Trainer:
         self.collapse = None if cfg.model.compile else CollapseMonitor(self.method.student.backbone,
                                                                        cfg.data.batch_size)
         self.probe = build_online_probe(cfg, self.method, self.device)  # None unless train.online_probe
+        self.guard = CollapseGuard.from_config(cfg.train, feature_dim(self.method.student.backbone))
         fp16 = cfg.model.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.state = TrainState()
@@ -140,13 +149,14 @@ class Trainer:
         views = batch.views
         if cfg.model.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        monitor = self.collapse is not None and self._logs_at(ctx.step + 1)
-        if monitor:
+        monitor = self._logs_at(ctx.step + 1)
+        if monitor and self.collapse is not None:
             self.collapse.arm()
         if self.probe is not None:
             self.probe.arm()
         with autocast_ctx(cfg.model.precision, self.device):
             out = self.model(views, batch.n_global, ctx)
+        teacher = teacher_stats(self.method.teacher_distribution(out)) if monitor else {}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -158,11 +168,11 @@ class Trainer:
         self.method.after_step(out, ctx)
         logs = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.logs.items()}}
         logs["lr"], logs["wd"] = torch.tensor(lr), torch.tensor(wd)
-        if monitor:
+        if monitor and self.collapse is not None:
             logs.update(self.collapse.stats())
         if self.probe is not None:  # after the SSL update, on features detached from it
             logs.update(self.probe.step(batch.labels, read=self._logs_at(ctx.step + 1)))
-        return logs
+        return {**logs, **teacher}
 
     def _logs_at(self, step: int) -> bool:
         """True when the loop logs after reaching ``step`` (counted after the increment)."""
@@ -195,19 +205,19 @@ class Trainer:
                     self._log(logs, meter, finite, bar)
                 if self.state.step % cfg.train.ckpt_every == 0:
                     self._check_finite(finite)
-                    self.save()
+                    self._save_unless_collapsing()
                 t_wait = time.perf_counter()
             self._check_finite(finite)
             if self.probe is not None:
                 self._probe_val(bar)
-            self.save()
+            self._save_unless_collapsing()
         bar.close()
         self.metrics.close()
         return self.state
 
     def _log(self, logs: dict, meter: Throughput, finite: torch.Tensor, bar) -> None:
         self._check_finite(finite)
-        values = {k: float(v) for k, v in logs.items()}  # SYNC: one host transfer per log interval
+        values = {k: float(v) for k, v in mean_over_ranks(logs).items()}  # SYNC: one host transfer per log interval
         ips, wait = meter.read()
         values.update(images_per_s=ips, data_wait=wait, epoch=self.state.step / self.steps_per_epoch)
         meter.reset()
@@ -217,6 +227,32 @@ class Trainer:
         if "probe_top1" in values:
             extra["probe"] = f"{values['probe_top1']:.1f}%"
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{ips:.0f}", **extra)
+        self._check_collapse(values)
+
+    # ------------------------------------------------------------------ collapse guard
+    def _check_collapse(self, values: dict[str, float]) -> None:
+        """Feed the guard; warn once per collapse kind, log an event row, stop if ``train.stop_on_collapse``."""
+        events = self.guard.observe(self.state.step, values)
+        if not events:
+            return
+        log(collapse_warning(events, self.guard.patience))
+        for e in events:
+            self.metrics.event(self.state.step, e.row())
+        if self.cfg.train.stop_on_collapse:
+            last = ckpt.own_checkpoints(self.run_dir)
+            where = last[0][1] if last else "none written yet"
+            raise CollapseError(f"{', '.join(e.kind for e in events)} collapse at step {self.state.step} (since step "
+                                f"{events[0].since}); stopped (train.stop_on_collapse=true). Last good checkpoint, "
+                                f"written before the collapse began: {where}.")
+
+    def _save_unless_collapsing(self) -> None:
+        """Checkpoint, except while a collapse criterion holds with ``train.stop_on_collapse``: the newest checkpoint
+        on disk then stays one from before the collapse began."""
+        since = self.guard.suspect_since
+        if since is not None and self.cfg.train.stop_on_collapse:
+            log(f"[collapse] step {self.state.step}: no checkpoint (a collapse criterion holds since step {since})")
+            return
+        self.save()
 
     def _probe_val(self, bar) -> None:
         """Online probe on eval.val_dir at an epoch end, logged at the current step."""

@@ -98,6 +98,13 @@ class SSLMethod(nn.Module):
             raise ValueError(f"unknown weights {which!r}; allowed values: 'auto', 'student', 'teacher'")
         return self.student.backbone
 
+    @torch.no_grad()
+    def teacher_distribution(self, out: StepOutput) -> torch.Tensor | None:
+        """The distribution the teacher's targets of this step are drawn from, (..., K) with rows summing to 1, for
+        the collapse guard (``engine/collapse.py``); called before ``after_step`` on log steps only. None: the
+        method has no teacher targets of this kind."""
+        return None
+
     def last_layer_names(self) -> tuple[str, ...]:
         """Substrings of parameter names frozen during the first ``optim.freeze_last_layer_epochs`` epochs."""
         return ()

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from losses.dino import DINOLoss
+from losses.dino import DINOLoss, sinkhorn_teacher_probs, teacher_probs
 from methods import register_method
 from methods.base import SSLMethod, StepContext, StepOutput
 from models.backbone import build_backbone, feature_dim
@@ -90,7 +90,20 @@ class DINO(SSLMethod):
         temp = self.teacher_temp(ctx)
         loss = self.loss(s_out, t_out, temp)
         self.loss.reduce_center_update(t_out)  # async all-reduce overlaps the backward pass
-        return StepOutput(loss, {"teacher_temp": torch.tensor(temp)}, {})
+        return StepOutput(loss, {"teacher_temp": torch.tensor(temp)}, self.teacher_state(t_out, temp))
+
+    @staticmethod
+    def teacher_state(t_out: torch.Tensor, temp: float) -> dict[str, torch.Tensor]:
+        """What :meth:`teacher_distribution` needs: the teacher logits (T, B, K) (a reference) and the temperature."""
+        return {"teacher_logits": t_out, "teacher_temp": torch.tensor(temp)}
+
+    @torch.no_grad()
+    def teacher_distribution(self, out: StepOutput) -> torch.Tensor | None:
+        """The centred (center of before this step), sharpened teacher softmax (T, B, K), as in the loss."""
+        logits, temp = out.state["teacher_logits"], float(out.state["teacher_temp"])
+        if self.cfg.centering == "sinkhorn":
+            return sinkhorn_teacher_probs(logits, temp)
+        return teacher_probs(logits, self.loss.center, temp)
 
     @torch.no_grad()
     def update_state(self, out: StepOutput, ctx: StepContext) -> None:

@@ -113,7 +113,12 @@ class ReSA(SSLMethod):
         b = assignment.shape[0]
         own = torch.arange(b, device=assignment.device) + dist.rank() * b  # column of each local row's own sample
         self_mass = assignment.gather(1, own[:, None]).mean()  # 1 = pure instance discrimination, lower = clusters
-        return StepOutput(loss, {"assign_self": self_mass.detach()}, {})
+        return StepOutput(loss, {"assign_self": self_mass.detach()}, {"assignment": assignment})
+
+    @torch.no_grad()
+    def teacher_distribution(self, out: StepOutput) -> torch.Tensor:
+        """The Sinkhorn assignment of each online sample to the (gathered) momentum samples, (B, N)."""
+        return out.state["assignment"]
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from losses.ressl import ReSSLLoss
+from losses.ressl import ReSSLLoss, relation_targets
 from methods import register_method
 from methods.base import SSLMethod, StepContext, StepOutput
 from models.backbone import build_backbone, feature_dim
@@ -106,6 +106,11 @@ class ReSSL(SSLMethod):
         q = encode(self.student, views[1:], self.cfg.per_view_bn)  # (S, B, D)
         loss = self.loss(q, k)
         return StepOutput(loss, {}, {"keys": k})
+
+    @torch.no_grad()
+    def teacher_distribution(self, out: StepOutput) -> torch.Tensor:
+        """The teacher's relation of each key to the queue (before this step's keys are enqueued), (B, K)."""
+        return relation_targets(out.state["keys"], self.loss.queue, self.cfg.teacher_temp)
 
     @torch.no_grad()
     def update_state(self, out: StepOutput, ctx: StepContext) -> None:

@@ -84,7 +84,7 @@ class SCFS(DINO):
                 "teacher_temp": torch.tensor(temp)}
         for k, stage in enumerate(self.cfg.shallow_stages):
             logs[f"loss_layer{stage}_global"], logs[f"loss_layer{stage}_local"] = table[k, 0], table[k, 1]
-        return StepOutput(loss, logs, {})
+        return StepOutput(loss, logs, self.teacher_state(t_glob.logits, temp))
 
     @torch.no_grad()
     def update_state(self, out: StepOutput, ctx: StepContext) -> None:

@@ -51,6 +51,12 @@ class MetricLogger:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
 
+    def event(self, step: int, row: dict) -> None:
+        """Write a non-scalar row (e.g. ``{"event": "collapse", ...}``) to ``metrics.jsonl`` only (not TensorBoard)."""
+        if self.enabled:
+            self.file.write(json.dumps({"step": step, **row}) + "\n")
+            self.file.flush()
+
     def close(self) -> None:
         if self.file:
             self.file.close()

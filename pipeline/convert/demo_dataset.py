@@ -206,13 +206,14 @@ def _count_files(root: str, split: str) -> int:
     return sum(len(files) for _, _, files in os.walk(d))
 
 
-def _is_current(root: str, p: dict[str, int]) -> bool:
+def _is_current(root: str, doc: dict) -> bool:
+    """True when ``root/manifest.json`` has ``doc``'s generator, version and params and the file counts match."""
     try:
         with open(os.path.join(root, "manifest.json")) as f:
             m = json.load(f)
     except (OSError, ValueError):
         return False
-    if m.get("version") != GENERATOR_VERSION or m.get("params") != p:
+    if any(m.get(k) != doc.get(k) for k in ("generator", "version", "params")):
         return False
     return all(_count_files(root, s) == m.get("counts", {}).get(s) for s in SPLITS)
 
@@ -257,7 +258,24 @@ def ensure_demo_dataset(root: str = "data/demo", *, workers: int | None = None, 
         ``root``.
     """
     p = _params(**params)
-    if not force and _is_current(root, p):
+    doc = {"generator": "flashssl demo shapes", "version": GENERATOR_VERSION, "params": p,
+           "classes": list(CLASSES[: p["n_classes"]])}
+    return write_image_folder(root, doc, lambda tmp: _generate(tmp, p, workers or os.cpu_count() or 1), force=force,
+                              log=log, what=f"demo dataset: {p['n_classes']} classes, {p['size']} px")
+
+
+def write_image_folder(root: str, doc: dict, generate: Callable[[str], dict[str, int]], *, force: bool = False,
+                       log: Callable[[str], None] = print, what: str = "dataset") -> str:
+    """Write an ImageFolder ``root/{train,val}/<class>/...`` once, atomically, with ``root/manifest.json``.
+
+    Args:
+        doc: manifest fields; ``generator``, ``version`` and ``params`` decide whether ``root`` is already current.
+        generate: writes ``tmp/{train,val}/...`` under the temporary folder it gets and returns the file counts.
+        force: regenerate even when the manifest matches.
+    Returns:
+        ``root``.
+    """
+    if not force and _is_current(root, doc):
         return root
     t0 = time.perf_counter()
     os.makedirs(root, exist_ok=True)
@@ -269,19 +287,16 @@ def ensure_demo_dataset(root: str = "data/demo", *, workers: int | None = None, 
         shutil.rmtree(tmp)
     manifest = os.path.join(root, "manifest.json")
     try:
-        counts = _generate(tmp, p, workers or os.cpu_count() or 1)
+        counts = generate(tmp)
         if os.path.exists(manifest):
             os.remove(manifest)  # from here on a partial swap is detected as "not current"
         _swap_in(root, tmp)
-        doc = {"generator": "flashssl demo shapes", "version": GENERATOR_VERSION, "params": p, "counts": counts,
-               "classes": list(CLASSES[: p["n_classes"]])}
         with open(manifest + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
+            json.dump({**doc, "counts": counts}, f, indent=1)
         os.replace(manifest + ".tmp", manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"demo dataset: {counts['train']} train + {counts['val']} val images, {p['n_classes']} classes, "
-        f"{p['size']} px -> {root} ({time.perf_counter() - t0:.1f} s)")
+    log(f"{what}: {counts['train']} train + {counts['val']} val images -> {root} ({time.perf_counter() - t0:.1f} s)")
     return root
 
 
