@@ -75,7 +75,9 @@ def test_lr_schedule_matches_formula():
 def test_config_presets_and_overrides():
     assert load_linear_config("dino").lr == PROTOCOLS["dino"]["lr"]
     assert load_linear_config("scfs").batch_size == PROTOCOLS["dino"]["batch_size"]
-    assert load_linear_config("ressl").lr == 0.3 and load_linear_config("unknown_method").protocol == "ressl"
+    assert load_linear_config("ressl").lr == 0.3
+    with pytest.raises(ConfigError, match="protocol=auto: unknown method 'unknown_method'"):  # no silent fallback
+        load_linear_config("unknown_method")
     cfg = load_linear_config("dino", overrides=["protocol=resa", "epochs=3", "fast.copies=2"])
     assert (cfg.protocol, cfg.schedule, cfg.lr, cfg.epochs, cfg.fast.copies) == ("resa", "step", 10.0, 3, 2)
     assert load_linear_config("dino", overrides=["lr=0.5"]).lr == 0.5  # CLI beats the preset
