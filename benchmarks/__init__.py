@@ -1,0 +1,1 @@
+"""Benchmark and hardware-check entry points that combine several components (``python -m benchmarks.<name>``)."""
