@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # test-only switches: the CPU test suite runs every stage's code path on the CPU at tiny shapes
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--budget-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # slow CPUs: longer budgets
     return p.parse_args(argv)
 
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         stages = build_stages(args.device, args.tiny, args.only,
-                              inductor_cache=os.path.abspath(os.path.join(args.out, "inductor_cache")))
+                              inductor_cache=os.path.abspath(os.path.join(args.out, "inductor_cache")),
+                              budget_scale=args.budget_scale)
     except ValueError as exc:
         print(f"gpu-check: {exc}", file=sys.stderr)
         return 2

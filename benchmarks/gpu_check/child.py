@@ -25,6 +25,16 @@ def tiny() -> bool:
     return os.environ.get(TINY_ENV) == "1"
 
 
+def work_dir(*parts: str) -> str:
+    """A folder under the check's working folder (``GPU_CHECK_WORK``, set by the runner; the system temp folder
+    when a child is run by hand)."""
+    import tempfile
+
+    path = os.path.join(os.environ.get("GPU_CHECK_WORK") or tempfile.gettempdir(), *parts)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

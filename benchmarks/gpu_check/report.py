@@ -54,6 +54,13 @@ def _nvidia_smi() -> dict:
             "gpu_memory_total": rows[0][2] if rows else None}
 
 
+def _importable(name: str) -> bool:
+    try:
+        return util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a dotted name whose parent package is absent
+        return False
+
+
 def environment(device: str) -> dict:
     """Machine, accelerator and library versions (the report header)."""
     import torch
@@ -62,7 +69,7 @@ def environment(device: str) -> dict:
            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "device": device,
            **{name: _version(name) for name in ("triton", "timm", "torchvision", "numpy", "numba", "pillow")},
            "ffcv": _version("ffcv"), "nvidia_dali": _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120")
-           or ("present" if util.find_spec("nvidia.dali") else None)}
+           or ("present" if _importable("nvidia.dali") else None)}
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),

@@ -110,7 +110,7 @@ def run_stage(stage: Stage, work_dir: str, seconds_left: float) -> StageResult:
     res.log = os.path.join(work_dir, f"{stage.name}.log")
     with contextlib.suppress(FileNotFoundError):
         os.remove(result_path)
-    env = dict(os.environ, GPU_CHECK_RESULT=result_path, PYTHONUNBUFFERED="1", **stage.env)
+    env = dict(os.environ, GPU_CHECK_RESULT=result_path, GPU_CHECK_WORK=work_dir, PYTHONUNBUFFERED="1", **stage.env)
     t0 = time.monotonic()
     with open(res.log, "w") as log:
         proc = subprocess.Popen(stage.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
