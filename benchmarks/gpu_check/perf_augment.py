@@ -13,7 +13,7 @@ import torch
 from benchmarks.gpu_check.child import Recorder, device, median_seconds, tiny
 from pipeline import augment_ops as ops
 from pipeline.batch import Batch
-from pipeline.gpu_augment import DeviceAugment
+from pipeline.gpu_augment import DeviceAugment, channel_means
 from runtime.config import DataConfig, dino_views
 
 ANCHORS = {"adjust_hue (HSV)": "anchor ~17.5k img/s (RTX A6000)", "fused jitter (affine colour map)":
@@ -35,7 +35,7 @@ def op_table(x: torch.Tensor) -> dict:
     scale, bias = torch.ones(1, 3, 1, 1, device=dev), torch.zeros(1, 3, 1, 1, device=dev)
 
     def fused_jitter():
-        m, b = ops.jitter_matrices(order.to(dev), factors.to(dev), active.to(dev), u8.float().mean((2, 3)) / 255)
+        m, b = ops.jitter_matrices(order.to(dev), factors.to(dev), active.to(dev), channel_means(u8))
         return ops.apply_color_matrix_u8(u8, m, b)
     return {
         "uint8 -> float": lambda: ops.to_float01(u8),
