@@ -41,6 +41,8 @@ def main() -> int:
     workers = 0 if small else max(1, (os.cpu_count() or 2) - 1)
     folder = write_jpegs(work_dir("data", "e2e"), batch * (steps + 2), size=48 if small else 430)
     rec.note(f"{batch * (steps + 2)} synthetic JPEGs (~430 px, q90), batch {batch}, {steps} steps per phase")
+    if small:
+        rec.note("tiny: ResNet-18 with 32/16 px crops stands in for every recipe")
     for recipe in ("dino_rn50",) if small else ("dino_rn50", "dino_vits"):
         cfg = check_config(recipe, folder, work_dir("runs", f"e2e_{recipe}"), batch, precision="fp16",
                            workers=workers, tiny=small, device=dev.type)

@@ -27,6 +27,8 @@ def run(recipes: list[str], variants: list[str], batch: int, steps: int, rounds:
     rec, dev, small = Recorder(), device(), tiny()
     folder = write_jpegs(work_dir("data", "step"), 2 * batch, size=48 if small else 430)
     rec.note(f"batch {batch}, median of {rounds} rounds x {steps} steps per variant")
+    if small:
+        rec.note("tiny: ResNet-18 with 32/16 px crops stands in for every recipe")
     for recipe in recipes:
         cfg = check_config(recipe, folder, work_dir("runs", f"step_{recipe}"), batch, workers=0 if small else 4,
                            tiny=small, device=dev.type)
