@@ -1,5 +1,6 @@
 """What a performance stage's process shares: the device and size it was asked for, and a recorder that rewrites the
-stage's result file after every number (a stage killed at its budget keeps what it measured)."""
+stage's result file after every number (a stage killed at its budget keeps what it measured). torch is imported
+where it is used, so that a stage can start recording before torch has loaded."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_ENV, TINY_ENV = "FLASHSSL_CHECK_DEVICE", "FLASHSSL_CHECK_TINY"
 
 
 def device() -> torch.device:
     """The check's device: ``cuda`` unless the test-only ``--device cpu`` set FLASHSSL_CHECK_DEVICE=cpu."""
+    import torch
+
     return torch.device(os.environ.get(DEVICE_ENV, "cuda"))
 
 
@@ -36,6 +41,8 @@ def work_dir(*parts: str) -> str:
 
 
 def sync(dev: torch.device) -> None:
+    import torch
+
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
@@ -99,6 +106,8 @@ class Recorder:
             return fn()
         except Exception as exc:  # any failure of one measurement is reported, not fatal
             self.failed(what, exc)
+            import torch
+
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None
