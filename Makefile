@@ -7,7 +7,7 @@ APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: setup sysdeps demo test test-fast lint clean-demo
+.PHONY: setup sysdeps demo test test-fast lint clean-demo gpu-check
 
 ## sysdeps: apt packages FFCV needs to build (only when running as root and they are missing)
 sysdeps:
@@ -54,3 +54,9 @@ lint: setup
 
 clean-demo:
 	rm -rf runs/dino_demo runs/intl_demo runs/dino_demo.old-* runs/intl_demo.old-*
+
+## gpu-check: on a GPU machine, every CUDA-only piece in <= 8 min -> gpu_report/report.md (docs/gpu_check.md).
+## Runs with that machine's own python3 and packages (no .venv, no setup): `make gpu-check PYTHON=...` to change.
+PYTHON ?= python3
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check

@@ -1,2 +1,2 @@
-"""Benchmark CLIs (``python -m benchmarks.<name>``): loaders, fused losses, the training step, the GPU cost model.
-They measure side by side in one run and print ratios; no library code imports them."""
+"""Benchmark CLIs and the GPU check (``python -m benchmarks.<name>``): loaders, fused losses, the training step, the
+GPU cost model, ``gpu_check``. They measure side by side in one run and print ratios; no library code imports them."""

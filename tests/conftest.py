@@ -29,6 +29,17 @@ def pytest_sessionstart(session):
                         f"{MIN_FREE_GIB:.0f} GiB (free some space, or point TMPDIR at a larger disk)", returncode=1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda``-marked tests (the GPU check's correctness stages) need CUDA; the GPU check's CPU self-test runs them on
+    the CPU at tiny shapes by setting FLASHSSL_CHECK_DEVICE=cpu (see benchmarks/gpu_check)."""
+    if torch.cuda.is_available() or os.environ.get("FLASHSSL_CHECK_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run by make gpu-check)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     # every test starts with the session's torch thread count: a library that resizes the pool (ffcv 1.0.2 set it to

@@ -27,11 +27,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, tmpdir: str, fn, args) -> None:
+def _entry(rank: int, world_size: int, port: int, tmpdir: str, fn, args, backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    tdist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, tmpdir, *args)
         torch.save({"ok": True, "result": result}, os.path.join(tmpdir, f"result_{rank}.pt"))
@@ -42,12 +44,13 @@ def _entry(rank: int, world_size: int, port: int, tmpdir: str, fn, args) -> None
         tdist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int = 2, *args):
-    """Spawn ``world_size`` gloo processes running ``fn(rank, world_size, tmpdir, *args)``; return their results."""
+def run_distributed(fn, world_size: int = 2, *args, backend: str = "gloo"):
+    """Spawn ``world_size`` processes (gloo; ``backend="nccl"``: one GPU each) running ``fn(rank, world_size, tmpdir,
+    *args)``; return their results."""
     with tempfile.TemporaryDirectory() as tmpdir:
         port = _free_port()
         try:
-            mp.spawn(_entry, args=(world_size, port, tmpdir, fn, args), nprocs=world_size, join=True)
+            mp.spawn(_entry, args=(world_size, port, tmpdir, fn, args, backend), nprocs=world_size, join=True)
         except Exception:
             pass  # the per-rank error file below carries the real traceback
         results = []

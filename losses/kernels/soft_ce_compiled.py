@@ -1,11 +1,14 @@
 """CPU fused path for the DINO/SCFS multi-crop soft cross-entropy: the identity of ``soft_ce_triton`` in torch.
 
 Same maths as ``losses.kernels.soft_ce_triton`` (see its docstring): per student row one log-sum-exp and one dot
-product with the teacher sum ``Qsum_s = Psum - [s < T] P_s``, never a (T, S, B, K) pair tensor; the backward
-recomputes softmax and ``Qsum`` from the saved (S, B) and (T, B) log-sum-exps. The batch is processed in chunks
-so the fp32 temporaries are (S + T, chunk, K) instead of the reference's several (S, B, K) / (T, B, K) tensors,
-and each chunk function is ``torch.compile``'d (inductor fuses the elementwise work into the reductions). With
-``compile=False`` the same chunked code runs eagerly (debugging, and the compiler-off check in the tests).
+product with the teacher sum ``Qsum_s = sum_{t != s} P_t``, never a (T, S, B, K) pair tensor; the backward
+recomputes softmax and ``Qsum`` from the saved (S, B) and (T, B) log-sum-exps. For a global crop the backward sums
+the other teachers' probabilities directly, as the Triton backward does, instead of forming ``Psum - P_s``: in fp32
+that difference loses the small target where the crop's own teacher puts almost all its mass on the same class.
+The batch is processed in chunks so the fp32 temporaries are (S + T, chunk, K) instead of the reference's several
+(S, B, K) / (T, B, K) tensors, and each chunk function is ``torch.compile``'d (inductor fuses the elementwise work
+into the reductions). With ``compile=False`` the same chunked code runs eagerly (debugging, and the compiler-off
+check in the tests).
 
 Temperatures enter the compiled functions as 0-dim tensors so a teacher-temperature schedule does not recompile.
 """
@@ -43,9 +46,9 @@ def _bwd_chunk(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, lse_s: torch.T
     n_t = t.shape[0]
     p = torch.exp((t.float() - c) * inv_tt - lse_t.unsqueeze(-1))
     soft = torch.exp(x.float() * inv_ts - lse_s.unsqueeze(-1))
-    psum = p.sum(0)
-    d_glob = (n_t - 1.0) * soft[:n_t] - (psum - p)
-    d_loc = float(n_t) * soft[n_t:] - psum
+    others = torch.stack([p[:s].sum(0) + p[s + 1:].sum(0) for s in range(n_t)])  # sum_{t != s} P_t, no cancellation
+    d_glob = (n_t - 1.0) * soft[:n_t] - others
+    d_loc = float(n_t) * soft[n_t:] - p.sum(0)
     return (torch.cat([d_glob, d_loc], dim=0) * g).to(x.dtype)
 
 
