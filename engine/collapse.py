@@ -87,12 +87,12 @@ def pooled_feature_module(backbone: nn.Module) -> nn.Module:
     return pool if isinstance(pool, nn.Module) else backbone
 
 
-class CollapseMonitor:
-    """Watches ``backbone``'s pooled outputs (N, D) and turns the first ``rows`` rows of the first call into statistics.
+class PooledFeatureTap:
+    """Keeps the first ``rows`` rows of ``backbone``'s next pooled output (N, D), detached, after each ``arm()``.
 
-    Use: ``arm()`` before a logging step's forward, ``stats()`` after it (empty when the hook saw nothing, e.g. a
-    backbone that returns feature maps). Rows are view-major in every method, so the first ``rows`` rows are the
-    first view's batch.
+    A forward hook on the pooling module: it reads the features of the forward the step runs anyway (no extra
+    forward, no gradient path). Rows are view-major in every method, so the first ``rows`` rows are the first view's
+    batch. ``take()`` returns them (None when the hook saw nothing, e.g. a backbone that returns feature maps).
     """
 
     def __init__(self, backbone: nn.Module, rows: int):
@@ -108,14 +108,23 @@ class CollapseMonitor:
     def arm(self) -> None:
         self._armed, self._feats = True, None
 
-    def stats(self) -> dict[str, torch.Tensor]:
+    def take(self) -> torch.Tensor | None:
         feats, self._armed, self._feats = self._feats, False, None
-        if feats is None or feats.shape[0] < 2:
-            return {}
-        return {"feat_rank": effective_rank(feats), "feat_std": normalized_std(feats)}
+        return feats
 
     def close(self) -> None:
         self._handle.remove()
+
+
+class CollapseMonitor(PooledFeatureTap):
+    """Collapse statistics of the first view's pooled features: ``arm()`` before a logging step's forward,
+    ``stats()`` after it (empty when the hook saw nothing)."""
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        feats = self.take()
+        if feats is None or feats.shape[0] < 2:
+            return {}
+        return {"feat_rank": effective_rank(feats), "feat_std": normalized_std(feats)}
 
 
 @dataclass(frozen=True)

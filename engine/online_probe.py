@@ -19,16 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.collapse import pooled_feature_module
+from engine.collapse import PooledFeatureTap
 from runtime import dist
 
 
-class OnlineProbe:
+class OnlineProbe(PooledFeatureTap):
     """Trains ``Linear(dim, num_classes)`` on the first ``rows`` pooled features the backbone emits per armed step."""
 
     def __init__(self, backbone: nn.Module, dim: int, num_classes: int, rows: int, lr: float, device: torch.device,
                  seed: int = 0):
-        self.rows, self.num_classes = rows, num_classes
+        super().__init__(backbone, rows)
+        self.num_classes = num_classes
         self.head = nn.Linear(dim, num_classes).to(device)
         g = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():  # N(0, 0.01) weights, zero bias (the linear-probe init), from a private generator
@@ -36,16 +37,6 @@ class OnlineProbe:
             self.head.bias.zero_()
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
         self.window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        self._armed, self._feats = False, None
-        self._handle = pooled_feature_module(backbone).register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs, output) -> None:
-        if self._armed and self._feats is None and isinstance(output, torch.Tensor) and output.dim() == 2:
-            self._feats = output.detach()[: self.rows]
-
-    def arm(self) -> None:
-        """Call before the SSL forward: its first pooled output is kept for :meth:`step`."""
-        self._armed, self._feats = True, None
 
     def step(self, labels: torch.Tensor, read: bool) -> dict[str, torch.Tensor]:
         """One optimiser step of the head on the kept features (B, D) and ``labels`` (B,).
@@ -53,7 +44,7 @@ class OnlineProbe:
         Returns ``probe_loss`` / ``probe_top1`` (the window's mean loss and top-1 %, as device tensors) when
         ``read`` (a logging step, which also starts a new window), else {}.
         """
-        feats, self._armed, self._feats = self._feats, False, None
+        feats = self.take()  # armed before the SSL forward (see PooledFeatureTap)
         if feats is None:
             raise RuntimeError("online probe: the backbone produced no pooled (B, D) output this step; the probe needs "
                                "a timm backbone with global pooling (set train.online_probe=false)")
@@ -105,9 +96,6 @@ class OnlineProbe:
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.window.copy_(state["window"])
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 def count_classes(train_path: str) -> int:

@@ -53,6 +53,17 @@ def run_steps(feats, teacher, head_state, rank=0, world=1, centering="center"):
     return history
 
 
+def assert_ranks_match_single(per_rank, single) -> None:
+    """Every rank's (loss, grads, center) history equals the one-process history on the concatenated batch."""
+    for hist in per_rank:
+        for (loss, grads, center), (loss1, grads1, center1) in zip(hist, single):
+            torch.testing.assert_close(loss, loss1, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(center, center1, rtol=1e-12, atol=1e-12)
+            for gr, gr1 in zip(grads, grads1):
+                torch.testing.assert_close(gr, gr1, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(single[0][0], single[-1][0])  # the steps really differ
+
+
 def _worker(rank, world_size, tmpdir, feats, teacher, head_state, centering):
     return run_steps(feats, teacher, head_state, rank, world_size, centering)
 
@@ -64,10 +75,4 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(centering):
     feats, teacher, head_state = _data()
     single = run_steps(feats, teacher, head_state, centering=centering)
     per_rank = run_distributed(_worker, 2, feats, teacher, head_state, centering)
-    for hist in per_rank:
-        for (loss, grads, center), (loss1, grads1, center1) in zip(hist, single):
-            torch.testing.assert_close(loss, loss1, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(center, center1, rtol=1e-12, atol=1e-12)
-            for gr, gr1 in zip(grads, grads1):
-                torch.testing.assert_close(gr, gr1, rtol=1e-10, atol=1e-12)
-    assert not torch.equal(single[0][0], single[-1][0])  # the steps really differ
+    assert_ranks_match_single(per_rank, single)
