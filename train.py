@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
         if cfg.train.knn_at_end:
             _final_knn(trainer)
+        from runtime.plots import plot_run_safely
+
+        plot_run_safely(cfg.train.out_dir)  # rank 0, after the last checkpoint and knn.json; a failure only warns
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
