@@ -258,8 +258,8 @@ def run_tsne(args) -> dict:
     if dist.is_main():
         _write_json(res, os.path.splitext(out)[0] + ".json")
         print(f"{'replaced' if replaced else 'wrote'} {out}: {res['images']} images, {res['classes']} classes, "
-              f"trustworthiness(k=5) {res['trustworthiness_k5']:.3f}; features {res['feature_seconds']:.1f} s, "
-              f"t-SNE {res['tsne_seconds']:.1f} s")
+              f"trustworthiness(k={res['trustworthiness_k']}) {res['trustworthiness']:.3f}; "
+              f"features {res['feature_seconds']:.1f} s, t-SNE {res['tsne_seconds']:.1f} s")
     return res
 
 

@@ -4,8 +4,8 @@ Features come from :func:`evaluation.features.embed_split` (resize + center-crop
 :class:`evaluation.feature_cache.FeatureCache` under the same name and key as ``eval.py knn``'s query features, so a
 map after a kNN run re-uses its extraction. Features are L2-normalised (the cosine geometry kNN uses) and embedded
 with scikit-learn's Barnes-Hut ``TSNE`` (PCA init, ``learning_rate='auto'``, seeded). The
-trustworthiness of the map (scikit-learn, k=5: 1.0 = every 2-D neighbourhood is a true feature neighbourhood) is
-reported with it, so two maps can be compared by a number and not only by eye.
+trustworthiness of the map (scikit-learn, k=5 neighbours, fewer for tiny sets; 1.0 = every 2-D neighbourhood is a
+true feature neighbourhood) is reported with it, so two maps can be compared by a number and not only by eye.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def tsne_of_split(frozen: FrozenBackbone, split: EvalSplit, batch_size: int, cac
     names = split.classes or [str(c) for c in range(split.num_classes)]
     plot_map(xy, labels[keep], names, title or f"t-SNE of {split.path} ({len(keep)} images)", out)
     xn = torch.nn.functional.normalize(x.float(), dim=1).cpu().numpy()
-    trust = float(trustworthiness(xn, xy, n_neighbors=5))
+    k = max(1, min(5, (len(keep) - 1) // 2))  # scikit-learn needs k < N / 2
+    trust = float(trustworthiness(xn, xy, n_neighbors=k))
     return {"png": out, "images": int(len(keep)), "classes": len(names), "perplexity": used, "seed": seed,
-            "trustworthiness_k5": trust, "feature_seconds": t_feat, "tsne_seconds": t_tsne,
+            "trustworthiness": trust, "trustworthiness_k": k, "feature_seconds": t_feat, "tsne_seconds": t_tsne,
             "seconds": time.perf_counter() - t0, "features_cached": bool(cache.hits)}
