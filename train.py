@@ -15,18 +15,22 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from runtime import finders
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, help="SSL method: dino, scfs, ressl, resa, mvmr, intl, cw_rgp")
     p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later files win)")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in train.out_dir) or a path")
     p.add_argument("--benchmark", action="store_true", help="measure loader / model step / end to end and exit")
     p.add_argument("--steps", type=int, default=20, help="steps per benchmark phase (with --benchmark)")
+    finders.add_arguments(p)
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=128 optim.lr=0.05")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from runtime import finders
     from runtime.checkpoint import CheckpointError
     from runtime.config import load_config
     from runtime.config_loader import ConfigError
@@ -34,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.method, args.config, overrides)
+        if finders.wanted(args):  # --find-batch-size / --find-lr: measure, print, exit (no checkpoint)
+            finders.run(args, cfg)
+            return 0
         if args.benchmark:
             from runtime.benchmark import run_benchmark
 
