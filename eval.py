@@ -7,6 +7,7 @@
     python eval.py export --format detectron2 --checkpoint runs/dino_demo --out backbone_d2.pkl
     python eval.py voc07 --checkpoint runs/dino_demo --voc-dir VOCdevkit/VOC2007
     python eval.py import --checkpoint resa_resnet50_full_bs256_ep100.pth --out runs/resa_official
+    python eval.py tsne --checkpoint runs/dino_demo --val-dir data/demo/val
 
 ``--checkpoint`` takes a checkpoint file or a run directory (its newest valid checkpoint is used). Data arguments take
 an ImageFolder directory or an FFCV ``.beton`` file. Linear-probe hyperparameters: the method's official protocol
@@ -85,6 +86,18 @@ def add_export_parser(sub) -> None:
     p.add_argument("--format", default="timm", choices=["timm", "detectron2"],
                    help="timm: .safetensors for timm.create_model; detectron2: ResNet .pkl (MoCo's detection transfer)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading with timm and comparing features")
+
+
+def add_tsne_parser(sub) -> None:
+    p = sub.add_parser("tsne", help="t-SNE map of frozen val features coloured by class, as PNG")
+    _add_common(p)
+    p.add_argument("--val-dir", "--val-data", dest="val_dir", required=True,
+                   help="labelled split to map: ImageFolder directory or .beton")
+    p.add_argument("--out", default=None, help="PNG path (default <run dir>/tsne.png; results JSON next to it)")
+    p.add_argument("--max-images", type=int, default=0, help="class-proportional seeded subset; 0 = all images")
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (capped below N/3)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_cache(p)
 
 
 def _device(choice: str):
@@ -250,6 +263,38 @@ def run_voc07(args) -> dict:
     return res
 
 
+def run_tsne(args) -> dict:
+    from engine.setup import autocast_dtype
+    from evaluation.eval_loaders import build_eval_split
+    from evaluation.knn_eval import frozen_for
+    from evaluation.load import load_backbone
+    from evaluation.tsne import tsne_of_split
+    from runtime import dist
+
+    path = resolve_checkpoint(args.checkpoint)
+    device = _device(args.device)
+    backbone, cfg = load_backbone(path, args.weights)
+    precision = _precision("auto", cfg, device)
+    size = cfg.data.eval_size
+    split = build_eval_split(args.val_dir, size, round(size * 256 / 224), cfg.data.workers, "--val-dir")
+    frozen = frozen_for(backbone, cfg, device, autocast_dtype(precision, device))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "tsne.png")
+    if not out.endswith(".png"):
+        raise ValueError(f"--out: {out!r} must end in .png")
+    replaced = os.path.exists(out)
+    title = f"{cfg.method} {cfg.model.backbone}, {os.path.basename(path)}: t-SNE of {args.val_dir}"
+    res = tsne_of_split(frozen, split, cfg.eval.batch_size, _cache(args, path, args.weights, precision), out,
+                        max_images=args.max_images, perplexity=args.perplexity, seed=args.seed, title=title)
+    res.update(checkpoint=path, method=cfg.method, backbone=cfg.model.backbone, weights=args.weights,
+               val_data=args.val_dir)
+    if dist.is_main():
+        _write_json(res, os.path.splitext(out)[0] + ".json")
+        print(f"{'replaced' if replaced else 'wrote'} {out}: {res['images']} images, {res['classes']} classes, "
+              f"trustworthiness(k={res['trustworthiness_k']}) {res['trustworthiness']:.3f}; "
+              f"features {res['feature_seconds']:.1f} s, t-SNE {res['tsne_seconds']:.1f} s")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     from evaluation.official_import import add_import_parser, run_import
     from evaluation.semi import add_semi_parser, run_semi
@@ -263,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     add_import_parser(sub)
     add_voc07_parser(sub, _add_common, _add_cache)
     add_semi_parser(sub)
+    add_tsne_parser(sub)
     args = parse_args_with_overrides(parser, argv)
     from runtime import dist
     from runtime.checkpoint import CheckpointError
@@ -270,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         {"knn": run_knn, "linear": run_linear, "export": run_export, "import": run_import,
-         "voc07": run_voc07, "semi": run_semi}[args.command](args)
+         "voc07": run_voc07, "semi": run_semi,
+         "tsne": run_tsne}[args.command](args)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,8 @@ from runtime.cli_types import positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from engine import finders
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from methods import METHODS
 
@@ -34,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "<out_dir>.old-<time> first (a fresh run into a used folder is refused otherwise)")
     p.add_argument("--benchmark", action="store_true", help="measure loader / model step / end to end and exit")
     p.add_argument("--steps", type=positive_int, default=20, help="steps per benchmark phase (with --benchmark)")
+    finders.add_arguments(p)
     p.add_argument("overrides", nargs="*", help="key=value overrides anywhere on the line, e.g. data.batch_size=128 "
                                                 "optim.lr=0.05")
     return parse_args_with_overrides(p, argv)
@@ -41,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from engine import finders
     from engine.collapse import CollapseError
     from engine.config import load_config
     from runtime.checkpoint import CheckpointError
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.method, args.config, overrides)
+        if finders.wanted(args):  # --find-batch-size / --find-lr: measure, print, exit (no checkpoint)
+            finders.run(args, cfg)
+            return 0
         if args.benchmark:
             from engine.benchmark import run_benchmark
 
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
         if cfg.train.knn_at_end:
             _final_knn(trainer)
+        from engine.plots import plot_run_safely
+
+        plot_run_safely(cfg.train.out_dir)  # rank 0, after the last checkpoint and knn.json; a failure only warns
     except (ConfigError, CheckpointError, CollapseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
