@@ -272,5 +272,3 @@ class Trainer:
                 "Try a lower optim.lr, model.precision=fp32, or a larger optim.warmup_epochs.")
 
 
-def train(cfg: Config) -> TrainState:
-    return Trainer(cfg).fit()

@@ -85,8 +85,3 @@ def knn_accuracies(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch
             for k in ks}
 
 
-@torch.no_grad()
-def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07, chunk: int = 256) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (in %) of weighted kNN with one k."""
-    return knn_accuracies(bank, bank_labels, queries, query_labels, (k,), temperature, query_chunk=chunk)[f"k{k}"]

@@ -31,10 +31,6 @@ class StepContext:
     steps_per_epoch: int
     total_steps: int
 
-    @property
-    def epoch_float(self) -> float:
-        return self.step / max(1, self.steps_per_epoch)
-
 
 @dataclass
 class StepOutput:

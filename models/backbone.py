@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import timm
-import torch
 from torch import nn
 
 from models.config import ModelConfig
@@ -33,11 +32,3 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(backbone.num_features)
 
 
-@torch.no_grad()
-def probe_output_dim(backbone: nn.Module, size: int = 64) -> int:
-    """Feature width measured with a dummy forward (for models without ``num_features``)."""
-    was_training = backbone.training
-    backbone.eval()
-    out = backbone(torch.zeros(2, 3, size, size))
-    backbone.train(was_training)
-    return int(out.shape[-1])

@@ -29,14 +29,6 @@ class Batch:
     augmented: bool = False
 
     @property
-    def global_crops(self) -> list[torch.Tensor]:
-        return self.views[: self.n_global]
-
-    @property
-    def local_crops(self) -> list[torch.Tensor]:
-        return self.views[self.n_global :]
-
-    @property
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 

@@ -58,11 +58,6 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
 
-def random_grayscale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Replace the samples selected by ``mask`` (N,) bool with their luma replicated on 3 channels."""
-    return torch.lerp(x, grayscale(x).expand_as(x), _col(mask).to(x.dtype))  # exact 0/1 select
-
-
 def _blend(img: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``clamp(f * img + (1 - f) * other, 0, 1)`` with a per-sample factor (N,), as one lerp + one clamp pass."""
     return torch.lerp(other.expand_as(img), img, _col(factor)).clamp_(0.0, 1.0)

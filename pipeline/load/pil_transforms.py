@@ -110,22 +110,3 @@ def build_pil_view_transform(
     return T.Compose(ops)
 
 
-def build_eval_transform(
-    size: int = 224,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
-    interpolation: str = "bicubic",
-) -> T.Compose:
-    """kNN / linear-probe transform: resize the short side to ``size * 256 / 224``, centre-crop ``size``, normalise.
-
-    Returns:
-        A Compose mapping a PIL RGB image to float32 (3, size, size).
-    """
-    if size < 8:
-        raise ValueError(f"data.eval_size: must be >= 8 pixels, got {size}")
-    return T.Compose([
-        T.Resize(int(size * 256 / 224), interpolation=_mode(interpolation)),
-        T.CenterCrop(size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])

@@ -84,7 +84,7 @@ def _small_dino() -> list[ViewConfig]:
 
 def _epoch(loader, epoch: int, start: int = 0) -> list:
     """Materialise an epoch (clone: batch tensors alias FFCV's ring buffer)."""
-    return [(torch.stack([v.float() for v in b.global_crops], 1).clone(), [v.clone() for v in b.views],
+    return [(torch.stack([v.float() for v in b.views[:b.n_global]], 1).clone(), [v.clone() for v in b.views],
              b.labels.clone(), b.indices.clone()) for b in loader.epoch_iter(epoch, start)]
 
 

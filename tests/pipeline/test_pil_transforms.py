@@ -17,7 +17,6 @@ from pipeline.config import DataConfig, ViewConfig, dino_views
 from pipeline.load.pil_transforms import (
     RandomGaussianBlurPIL,
     RandomSolarizePIL,
-    build_eval_transform,
     build_pil_view_transform,
 )
 
@@ -77,18 +76,6 @@ def test_blur_semantics_and_rate():
     assert np.asarray(out).astype(float).std() < np.asarray(img).astype(float).std() * 0.5
     hits = [RandomGaussianBlurPIL(0.5, (0.1, 2.0))(img) is not img for _ in range(2000)]
     assert abs(np.mean(hits) - 0.5) < 0.05
-
-
-def test_eval_transform():
-    img = Image.new("RGB", (300, 200), (255, 0, 128))
-    out = build_eval_transform(96)(img)
-    assert out.shape == (3, 96, 96)
-    expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
-    torch.testing.assert_close(out[:, 48, 48], expected, atol=1e-5, rtol=0)
-    resize = build_eval_transform(224).transforms[0]
-    assert resize.size == 256  # the standard 224 / 256 centre-crop ratio
-    with pytest.raises(ValueError, match="eval_size"):
-        build_eval_transform(4)
 
 
 def test_pil_and_device_recipes_agree_statistically():
