@@ -241,17 +241,23 @@ def run_export(args) -> dict:
     return meta
 
 
-def run_voc07(args) -> dict:
+def _frozen_from_args(args):
+    """(checkpoint path, its Config, device, precision, frozen backbone) for ``--checkpoint/--weights/--device``."""
     from engine.setup import autocast_dtype
     from evaluation.knn_eval import frozen_for
     from evaluation.load import load_backbone
-    from evaluation.voc07 import print_voc07, voc07_of_backbone
 
     path = resolve_checkpoint(args.checkpoint)
     device = _device(args.device)
     backbone, cfg = load_backbone(path, args.weights)
     precision = _precision("auto", cfg, device)
-    frozen = frozen_for(backbone, cfg, device, autocast_dtype(precision, device))
+    return path, cfg, device, precision, frozen_for(backbone, cfg, device, autocast_dtype(precision, device))
+
+
+def run_voc07(args) -> dict:
+    from evaluation.voc07 import print_voc07, voc07_of_backbone
+
+    path, cfg, device, precision, frozen = _frozen_from_args(args)
     res = voc07_of_backbone(frozen, args.voc_dir, args.size or cfg.data.eval_size, cfg.eval.batch_size,
                             cfg.data.workers, _cache(args, path, args.weights, precision), device, args.costs,
                             args.folds, args.seed, (args.train_split, args.test_split), args.jobs)
@@ -264,20 +270,13 @@ def run_voc07(args) -> dict:
 
 
 def run_tsne(args) -> dict:
-    from engine.setup import autocast_dtype
     from evaluation.eval_loaders import build_eval_split
-    from evaluation.knn_eval import frozen_for
-    from evaluation.load import load_backbone
     from evaluation.tsne import tsne_of_split
     from runtime import dist
 
-    path = resolve_checkpoint(args.checkpoint)
-    device = _device(args.device)
-    backbone, cfg = load_backbone(path, args.weights)
-    precision = _precision("auto", cfg, device)
+    path, cfg, device, precision, frozen = _frozen_from_args(args)
     size = cfg.data.eval_size
     split = build_eval_split(args.val_dir, size, round(size * 256 / 224), cfg.data.workers, "--val-dir")
-    frozen = frozen_for(backbone, cfg, device, autocast_dtype(precision, device))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "tsne.png")
     if not out.endswith(".png"):
         raise ValueError(f"--out: {out!r} must end in .png")

@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from runtime.logging import jsonl_rows
+
 #: (panel title, metric keys drawn in it, log-scale y) in drawing order; a panel without data is skipped
 PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("loss", ("loss",), False),
@@ -28,16 +30,7 @@ ACCURACY_HINTS = ("top1", "acc")
 
 def read_metrics(path: str) -> list[dict]:
     """The rows of a metrics JSONL file; unreadable lines (a killed writer's tail) are skipped."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
-    return rows
+    return [row for _, row in jsonl_rows(path)]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

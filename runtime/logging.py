@@ -64,20 +64,25 @@ class MetricLogger:
             self.tb.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """Keep only the rows of JSONL ``path`` with ``row['step'] <= step`` (atomic rewrite; unreadable tail lines of a
-    killed writer are dropped too)."""
-    if not os.path.exists(path):
-        return
-    kept = []
+def jsonl_rows(path: str):
+    """``(line, row)`` for each line of a metrics JSONL file that parses to a dict with an integer ``step``; the
+    unreadable tail of a killed writer is skipped."""
     with open(path) as f:
         for line in f:
             try:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                yield line, row
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep only the rows of JSONL ``path`` with ``row['step'] <= step`` (atomic rewrite; unreadable tail lines of a
+    killed writer are dropped too)."""
+    if not os.path.exists(path):
+        return
+    kept = [line if line.endswith("\n") else line + "\n" for line, row in jsonl_rows(path) if row["step"] <= step]
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.writelines(kept)
