@@ -54,7 +54,7 @@ def test_scanner_finds_what_it_must():
     bad = {"a.md": f"see {_SHARED}/dino.md", "b.py": "# from .." + "/shared/x", "c.yaml": "p: /" + "work/x/y",
            "d.md": "cd /" + "home/me", "e.py": "'/" + "root/.cache'"}
     assert sorted(rel for rel, _, _ in _hits(bad, _OUTSIDE)) == sorted(bad)
-    fine = {"f.md": "https://example.org/home/page, runs/dino_demo, a network/home/x, ~/work/x"}
+    fine = {"f.md": "https://example.org/home/page, runs/dino_demo, a network/home/x, ~/data/x"}
     assert _hits(fine, _OUTSIDE) == []
     refs = _hits({"g.py": "(``docs/methods/dino.md``, section 2). docs/results.md."}, _DOCS_PATH)
     assert [ref for _, _, ref in refs] == ["docs/methods/dino.md", "docs/results.md"]
