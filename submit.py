@@ -5,9 +5,10 @@
 
 Everything after ``--`` goes to train.py unchanged (its arguments are checked here first, so a bad config fails now
 and not after hours in the queue). A pre-empted or timed-out job is requeued and restarts with ``--resume auto``
-(newest valid checkpoint in ``train.out_dir``, which must be on a filesystem every node sees). Logs and submitit's
-files go to ``--log-dir`` (default ``<train.out_dir>/slurm``), one folder per job id. ``--cluster local`` runs the
-same job on this machine (submitit's local executor: tasks as processes, same requeue logic) for testing.
+(newest valid checkpoint in ``train.out_dir``, which must be on a filesystem every node sees). Logs and
+submitit's files go to ``--log-dir`` (default ``<train.out_dir>.slurm``, beside the run folder), one folder per job
+id. ``--cluster local`` runs the same job on this machine (submitit's local executor: tasks as processes, same
+requeue logic) for testing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--name", default=None, help="job name (default flashssl-<method>)")
     p.add_argument("--max-requeues", type=int, default=10, help="time-outs after which the job is not requeued")
     p.add_argument("--signal-delay-s", type=int, default=120, help="seconds between the requeue signal and the kill")
-    p.add_argument("--log-dir", default=None, help="submitit folder (default <train.out_dir>/slurm); %%j = job id")
+    p.add_argument("--log-dir", default=None, help="submitit folder (default <train.out_dir>.slurm); %%j = job id")
     p.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
                    help="local/debug: run here with submitit's local or in-process debug executor (testing)")
     if "--" not in argv:
@@ -55,7 +56,7 @@ def build_executor(opts: argparse.Namespace, cfg):
     """The submitit AutoExecutor with the flags as SLURM parameters; logs in ``<log dir>/%j``."""
     import submitit
 
-    folder = os.path.join(opts.log_dir or os.path.join(cfg.train.out_dir, "slurm"), "%j")
+    folder = os.path.join(opts.log_dir or cfg.train.out_dir.rstrip("/") + ".slurm", "%j")
     ex = submitit.AutoExecutor(folder=folder, cluster=opts.cluster, slurm_max_num_timeout=opts.max_requeues)
     ex.update_parameters(name=opts.name or f"flashssl-{cfg.method}", nodes=opts.nodes,
                          tasks_per_node=opts.gpus_per_node, gpus_per_node=opts.gpus_per_node,

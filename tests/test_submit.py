@@ -96,4 +96,4 @@ def test_interrupted_job_is_requeued_and_resumes(tiny_folder, tmp_path, monkeypa
     with open(run / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 10))  # each step logged once
     assert os.path.isfile(run / "curves.png")  # the end-of-run picture of the finished job
-    assert os.path.isdir(tmp_path / "run" / "slurm" / str(job.job_id))  # logs per job
+    assert os.path.isdir(tmp_path / "run.slurm" / str(job.job_id))  # logs per job, beside the run folder
