@@ -245,11 +245,6 @@ class CollapseError(RuntimeError):
 GUARD_KEYS = ("teacher_entropy", "teacher_batch_entropy", "feat_rank", "feat_std")
 
 
-def teacher_stats(probs: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """:func:`distribution_entropies` of a method's teacher distribution; empty when the method has none."""
-    return {} if probs is None else distribution_entropies(probs)
-
-
 def mean_over_ranks(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``logs`` with the :data:`GUARD_KEYS` entries averaged over ranks (one all-reduce; a no-op on one process)."""
     keys = [k for k in GUARD_KEYS if k in logs]

@@ -19,8 +19,8 @@ from engine.collapse import (
     CollapseGuard,
     CollapseMonitor,
     collapse_warning,
+    distribution_entropies,
     mean_over_ranks,
-    teacher_stats,
 )
 from engine.config import Config, config_to_dict
 from engine.online_probe import build_online_probe
@@ -156,7 +156,8 @@ class Trainer:
             self.probe.arm()
         with autocast_ctx(cfg.model.precision, self.device):
             out = self.model(views, batch.n_global, ctx)
-        teacher = teacher_stats(self.method.teacher_distribution(out)) if monitor else {}
+        probs = self.method.teacher_distribution(out) if monitor else None
+        teacher = {} if probs is None else distribution_entropies(probs)  # device tensors, read at the log step
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -171,7 +172,7 @@ class Trainer:
         if monitor and self.collapse is not None:
             logs.update(self.collapse.stats())
         if self.probe is not None:  # after the SSL update, on features detached from it
-            logs.update(self.probe.step(batch.labels, read=self._logs_at(ctx.step + 1)))
+            logs.update(self.probe.step(batch.labels, read=monitor))
         return {**logs, **teacher}
 
     def _logs_at(self, step: int) -> bool:
