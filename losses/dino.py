@@ -7,10 +7,12 @@ Letters: T teacher (global) crops, S student crops (globals first, S >= T), B pe
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from losses.center import CenteredLoss, batch_column_sum
 from losses.common import at_least_fp32, fp32_island
 from losses.kernels import soft_ce_fused, use_fused
 from losses.sinkhorn import sinkhorn_knopp
@@ -61,8 +63,8 @@ def _tensor_key(x: torch.Tensor) -> tuple:
     return (x.data_ptr(), tuple(x.shape), x._version)
 
 
-class DINOLoss(nn.Module):
-    """Holds the center buffer; the center update is split into an async reduce and an apply.
+class DINOLoss(CenteredLoss):
+    """Holds the (K,) center; the center update is split into an async reduce and an apply.
 
     Call order per step: ``loss = forward(...)`` -> ``reduce_center_update(teacher_logits)`` (starts the all-reduce,
     overlapping backward) -> after the optimiser step ``apply_center_update()``.
@@ -70,14 +72,11 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "center"):
-        super().__init__()
+        super().__init__((out_dim,), center_momentum)
         if centering not in ("center", "sinkhorn"):
             raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.centering = centering
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(out_dim))
-        self._pending: tuple | None = None
         self._fused_sum: tuple | None = None  # (teacher tensor key, (K,) column sum) from the fused forward
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -104,20 +103,5 @@ class DINOLoss(nn.Module):
         if cached is not None and cached[0] == _tensor_key(teacher_logits):
             total = cached[1]  # the fused forward already produced this batch sum in its pass over the logits
         else:
-            total = at_least_fp32(teacher_logits.detach()).flatten(0, -2).sum(dim=0)
-        count = torch.tensor(float(teacher_logits[..., 0].numel()), device=teacher_logits.device)
-        handle = dist.all_reduce_sum(total, async_op=True)
-        handle2 = dist.all_reduce_sum(count, async_op=True)
-        self._pending = (total, count, handle, handle2)
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """c <- m c + (1 - m) * mean over all ranks and teacher crops of the teacher logits."""
-        if self._pending is None:
-            return
-        total, count, h1, h2 = self._pending
-        for h in (h1, h2):
-            if h is not None:
-                h.wait()
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
-        self._pending = None
+            total = batch_column_sum(teacher_logits)
+        self.start_center_reduce(total, math.prod(teacher_logits.shape[:-1]))

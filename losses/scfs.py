@@ -19,11 +19,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from losses.center import CenteredLoss, batch_column_sum
 from losses.common import at_least_fp32, fp32_island
 from losses.dino import multicrop_cross_entropy, teacher_probs
-from runtime import dist
 
 
 def shallow_global_loss(student_global: torch.Tensor, teacher_global: torch.Tensor, center: torch.Tensor,
@@ -59,19 +58,16 @@ def shallow_local_loss(student_local: torch.Tensor, searched_teacher: torch.Tens
     return -(probs * log_q).sum(dim=-1).mean()
 
 
-class SCFSShallowLoss(nn.Module):
-    """Holds one center per stage; the center update is split into an async reduce and an apply.
+class SCFSShallowLoss(CenteredLoss):
+    """Holds one center per stage, (K, D); the center update is split into an async reduce and an apply.
 
     Call order per step: ``forward(...)`` -> ``reduce_center_update(teacher_global)`` (one all-reduce for all
     stages, overlapping backward) -> after the optimiser step ``apply_center_update()``.
     """
 
     def __init__(self, n_stages: int, dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
+        super().__init__((n_stages, dim), center_momentum)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(n_stages, dim))
-        self._pending: tuple | None = None
 
     def _check(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
         n, d = self.center.shape
@@ -101,19 +97,5 @@ class SCFSShallowLoss(nn.Module):
     def reduce_center_update(self, teacher_global: Sequence[torch.Tensor]) -> None:
         """Start the cross-rank sum of each stage's batch sum of teacher global outputs, (G, B, D) per stage."""
         self._check("teacher_global", teacher_global)
-        sums = torch.stack([at_least_fp32(t.detach()).flatten(0, 1).sum(dim=0) for t in teacher_global])  # (K, D)
-        count = float(teacher_global[0].shape[0] * teacher_global[0].shape[1])
-        packed = torch.cat([sums.flatten(), sums.new_tensor([count])])  # one collective for every stage + count
-        self._pending = (packed, dist.all_reduce_sum(packed, async_op=True))
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """c_k <- m c_k + (1 - m) * mean over all ranks, global crops and images of u^t_k."""
-        if self._pending is None:
-            return
-        packed, handle = self._pending
-        if handle is not None:
-            handle.wait()
-        mean = packed[:-1].view_as(self.center) / packed[-1]
-        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
-        self._pending = None
+        sums = torch.stack([batch_column_sum(t) for t in teacher_global])  # (K, D), one collective for every stage
+        self.start_center_reduce(sums, teacher_global[0].shape[0] * teacher_global[0].shape[1])
