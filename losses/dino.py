@@ -58,16 +58,12 @@ def multicrop_cross_entropy(student_logits: torch.Tensor, t_probs: torch.Tensor,
     return ce[mask].sum() / mask.sum()
 
 
-def _tensor_key(x: torch.Tensor) -> tuple:
-    """Identity of a tensor's data (storage, offset, shape, in-place version): detach() keeps it."""
-    return (x.data_ptr(), tuple(x.shape), x._version)
-
-
 class DINOLoss(CenteredLoss):
-    """Holds the (K,) center; the center update is split into an async reduce and an apply.
+    """Multi-crop DINO loss holding the (K,) center; the center update is split into an async reduce and an apply.
 
-    Call order per step: ``loss = forward(...)`` -> ``reduce_center_update(teacher_logits)`` (starts the all-reduce,
-    overlapping backward) -> after the optimiser step ``apply_center_update()``.
+    Call order per step: ``loss, teacher_sum = loss_and_teacher_sum(...)`` ->
+    ``reduce_center_update(teacher_logits, teacher_sum)`` (starts the all-reduce, overlapping backward) -> after the
+    optimiser step ``apply_center_update()``. ``forward`` returns the loss alone.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
@@ -77,31 +73,31 @@ class DINOLoss(CenteredLoss):
             raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.centering = centering
         self.student_temp = student_temp
-        self._fused_sum: tuple | None = None  # (teacher tensor key, (K,) column sum) from the fused forward
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """student_logits (S, B, K), teacher_logits (T, B, K) -> scalar. Uses the center from before this step."""
+        return self.loss_and_teacher_sum(student_logits, teacher_logits, teacher_temp)[0]
+
+    def loss_and_teacher_sum(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                             teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of ``forward`` and, where the fused kernel computed it in its pass over the teacher logits, their
+        (K,) fp32 column sum (else None); hand it to ``reduce_center_update`` so the logits are not read again."""
         if student_logits.shape[-1] != self.center.shape[0] or teacher_logits.shape[-1] != self.center.shape[0]:
             raise ValueError(f"logit width must be {self.center.shape[0]}, got {tuple(student_logits.shape)}, "
                              f"{tuple(teacher_logits.shape)}")
         with fp32_island(student_logits.device.type):
             if self.centering == "sinkhorn":  # the center is still tracked (a statistic) but not used
                 probs = sinkhorn_teacher_probs(teacher_logits.detach(), teacher_temp)
-                return multicrop_cross_entropy(student_logits, probs, self.student_temp)
+                return multicrop_cross_entropy(student_logits, probs, self.student_temp), None
             if use_fused() and student_logits.dtype != torch.float64 and teacher_logits.dtype != torch.float64:
-                loss, col_sum = soft_ce_fused(student_logits, teacher_logits.detach(), self.center,
-                                              self.student_temp, teacher_temp)
-                self._fused_sum = (_tensor_key(teacher_logits), col_sum)  # reused by reduce_center_update
-                return loss
+                return soft_ce_fused(student_logits, teacher_logits.detach(), self.center, self.student_temp,
+                                     teacher_temp)
             probs = teacher_probs(teacher_logits.detach(), self.center, teacher_temp)
-            return multicrop_cross_entropy(student_logits, probs, self.student_temp)
+            return multicrop_cross_entropy(student_logits, probs, self.student_temp), None
 
     @torch.no_grad()
-    def reduce_center_update(self, teacher_logits: torch.Tensor) -> None:
-        """Start the cross-rank sum of the teacher logits' batch sum. teacher_logits (T, B, K)."""
-        cached, self._fused_sum = self._fused_sum, None
-        if cached is not None and cached[0] == _tensor_key(teacher_logits):
-            total = cached[1]  # the fused forward already produced this batch sum in its pass over the logits
-        else:
-            total = batch_column_sum(teacher_logits)
+    def reduce_center_update(self, teacher_logits: torch.Tensor, teacher_sum: torch.Tensor | None = None) -> None:
+        """Start the cross-rank sum of the teacher logits' batch sum. teacher_logits (T, B, K); teacher_sum: their
+        (K,) column sum when the caller has it (``loss_and_teacher_sum``), else it is computed here."""
+        total = batch_column_sum(teacher_logits) if teacher_sum is None else teacher_sum
         self.start_center_reduce(total, math.prod(teacher_logits.shape[:-1]))

@@ -88,8 +88,8 @@ class DINO(SSLMethod):
             t_out = self.teacher(views[:n_global])  # (T, B, K)
         s_out = self.student(views)  # (S, B, K)
         temp = self.teacher_temp(ctx)
-        loss = self.loss(s_out, t_out, temp)
-        self.loss.reduce_center_update(t_out)  # async all-reduce overlaps the backward pass
+        loss, t_sum = self.loss.loss_and_teacher_sum(s_out, t_out, temp)  # t_sum: the fused kernel's column sum
+        self.loss.reduce_center_update(t_out, t_sum)  # async all-reduce overlaps the backward pass
         return StepOutput(loss, {"teacher_temp": torch.tensor(temp)}, self.teacher_state(t_out, temp))
 
     @staticmethod

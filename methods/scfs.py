@@ -75,10 +75,10 @@ class SCFS(DINO):
             t_search = searched_targets(self.teacher.shallow_heads, s_loc.pooled, t_glob.first_maps)
         temp = self.teacher_temp(ctx)
         s_logits = torch.cat([s_glob.logits, s_loc.logits], dim=0)  # (V, B, K), globals first
-        loss_dino = self.loss(s_logits, t_glob.logits, temp)
+        loss_dino, t_sum = self.loss.loss_and_teacher_sum(s_logits, t_glob.logits, temp)
         loss_shallow, table = self.shallow_loss(s_glob.shallow, s_loc.shallow, t_glob.shallow, t_search, temp)
         loss = loss_dino + self.cfg.shallow_weight * loss_shallow
-        self.loss.reduce_center_update(t_glob.logits)  # async all-reduces overlap the backward pass
+        self.loss.reduce_center_update(t_glob.logits, t_sum)  # async all-reduces overlap the backward pass
         self.shallow_loss.reduce_center_update(t_glob.shallow)
         logs = {"loss_dino": loss_dino.detach(), "loss_shallow": loss_shallow.detach(),
                 "teacher_temp": torch.tensor(temp)}

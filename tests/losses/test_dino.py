@@ -153,6 +153,26 @@ def test_center_update_waits_for_apply_and_is_not_done_in_forward():
     torch.testing.assert_close(loss_fn.center, 0.1 * teacher.mean(dim=(0, 1)))
 
 
+def test_center_update_takes_the_teacher_sum_it_is_handed():
+    """The column sum handed to reduce_center_update is the one averaged into the center (over T * B rows); without
+    one the sum of the teacher logits is taken, and the reference loss path hands none out."""
+    g = torch.Generator().manual_seed(7)
+    teacher = torch.rand(T, B, K, generator=g, dtype=torch.float64)
+    loss_fn = DINOLoss(K).double()
+    loss, teacher_sum = loss_fn.loss_and_teacher_sum(torch.rand(S, B, K, dtype=torch.float64), teacher, TAU_T)
+    assert teacher_sum is None and loss.dim() == 0
+    loss_fn.reduce_center_update(teacher)
+    loss_fn.apply_center_update()
+    torch.testing.assert_close(loss_fn.center, 0.1 * teacher.mean(dim=(0, 1)), rtol=1e-12, atol=0)
+    handed = torch.rand(K, generator=g, dtype=torch.float64) * T * B
+    before = loss_fn.center.clone()
+    loss_fn.reduce_center_update(teacher, handed)
+    loss_fn.apply_center_update()
+    torch.testing.assert_close(loss_fn.center, 0.9 * before + 0.1 * handed / (T * B), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=rf"center batch sum must have shape \({K},\)"):
+        loss_fn.reduce_center_update(teacher, handed[:-1])
+
+
 def test_same_crop_pairs_are_excluded():
     """With S = T = 2 only the cross pairs (t0, s1), (t1, s0) count, so swapping the teacher crops changes the loss."""
     student = torch.rand(T, B, K, dtype=torch.float64)

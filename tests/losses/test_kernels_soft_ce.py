@@ -88,7 +88,8 @@ def test_compiled_matches_reference(monkeypatch):
 
 @pytest.mark.skipif(not kernels.has_triton() or _TRITON_PREIMPORTED, reason="triton missing or imported already")
 def test_dino_loss_dispatch_matches_reference_over_steps():
-    """Same loss, gradient and center over three steps with the switch on (Triton) and off (reference)."""
+    """Same loss, gradient and center over three steps with the switch on (Triton) and off (reference); the fused
+    forward hands out the teacher column sum and the center update takes it."""
     k_n = 1100
     mods = {flag: DINOLoss(k_n, student_temp=TAU_S, center_momentum=0.9) for flag in (False, True)}
     try:
@@ -98,9 +99,12 @@ def test_dino_loss_dispatch_matches_reference_over_steps():
             for flag, mod in mods.items():
                 kernels.set_fused(flag)
                 x = student.clone().requires_grad_()
-                loss = mod(x, teacher, TAU_T)
+                loss, teacher_sum = mod.loss_and_teacher_sum(x, teacher, TAU_T)
+                assert (teacher_sum is not None) == flag
+                if flag:
+                    torch.testing.assert_close(teacher_sum, teacher.sum(dim=(0, 1)), rtol=0, atol=1e-4)
                 loss.backward()
-                mod.reduce_center_update(teacher)
+                mod.reduce_center_update(teacher, teacher_sum)
                 mod.apply_center_update()
                 out[flag] = (loss.detach(), x.grad)
             torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=0)
