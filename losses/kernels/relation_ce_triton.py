@@ -1,16 +1,9 @@
-"""Triton kernel for the ReSSL relation cross-entropy (``losses.ressl``), never storing the (B, K) logits.
+"""Triton queue attention for the ReSSL relation cross-entropy (``losses.kernels.relation_ce``).
 
-With the queue Q (K, D), the teacher target ``p_b = softmax(Q k_b / tau_t)`` and the student log-probabilities
-``log_softmax(Q x_{s,b} / tau_s)``, the identity ``<p_b, Q x> = x . (Q^T p_b)`` gives, with the teacher-weighted
-queue mean ``v_b = Q^T p_b`` (D,) and the student one ``u_{s,b} = Q^T softmax(Q x_{s,b} / tau_s)`` (D,)::
-
-    L       = mean_{s, b} [ lse(Q x_{s,b} / tau_s) - x_{s,b} . v_b / tau_s ]
-    dL/dx_s = (u_{s,b} - v_b) / (tau_s * S * B)
-
-Every row (student or teacher) therefore needs only one pass over the queue computing a log-sum-exp and a
-softmax-weighted mean of the queue rows: single-query attention with keys = values = Q, computed with an online
-softmax over K tiles (flash-attention style, BLOCK_M query rows per program so each queue tile is reused by
-BLOCK_M rows). The backward needs no second pass: ``u - v`` (S, B, D) is saved by the forward.
+Per row, one pass over the queue Q (K, D) gives ``lse(Q x / tau)`` and the softmax-weighted queue mean
+``Q^T softmax(Q x / tau)``: single-query attention with keys = values = Q, computed with an online softmax over K
+tiles (flash-attention style, BLOCK_M query rows per program so each queue tile is reused by BLOCK_M rows). The
+(rows, K) logits are never stored.
 
 All maths in fp32 (``tl.dot`` with ``input_precision="ieee"``), inputs may be bf16/fp16/fp32.
 """
@@ -20,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from losses.kernels.relation_ce import relation_ce
 
 BLOCK_M, BLOCK_N = 16, 64
 
@@ -58,7 +53,8 @@ def _queue_attention(x_ptr, q_ptr, inv_t_ptr, lse_ptr, out_ptr, M, K, D,
 
 
 def queue_attention(x: torch.Tensor, queue: torch.Tensor, inv_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, D) rows, (K, D) queue, (M,) fp32 1/temp -> lse (M,) fp32 and softmax-weighted queue mean (M, D) fp32."""
+    """A ``relation_ce.QueueAttention``: (M, D) rows, (K, D) queue, (M,) fp32 1/temp -> lse (M,) fp32 and
+    softmax-weighted queue mean (M, D) fp32."""
     m_n, d_n = x.shape
     x, queue = x.contiguous(), queue.contiguous()
     lse = torch.empty(m_n, device=x.device, dtype=torch.float32)
@@ -69,31 +65,9 @@ def queue_attention(x: torch.Tensor, queue: torch.Tensor, inv_temp: torch.Tensor
     return lse, out
 
 
-class _RelationCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, queue, student_temp, teacher_temp):
-        s_n, b_n, d_n = student.shape
-        rows = torch.cat([student.detach().reshape(s_n * b_n, d_n), teacher.detach().to(student.dtype)], dim=0)
-        inv_t = torch.full((rows.shape[0],), 1.0 / student_temp, device=rows.device, dtype=torch.float32)
-        inv_t[s_n * b_n:] = 1.0 / teacher_temp
-        lse, mean = queue_attention(rows, queue.detach(), inv_t)
-        u, v = mean[:s_n * b_n].view(s_n, b_n, d_n), mean[s_n * b_n:]
-        xs = student.detach().float()
-        loss = (lse[:s_n * b_n].sum() - (xs * v).sum() / student_temp) / (s_n * b_n)
-        ctx.save_for_backward(u - v)
-        ctx.scale = 1.0 / (student_temp * s_n * b_n)
-        ctx.dtype = student.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (diff,) = ctx.saved_tensors
-        return (diff * (grad_loss.float() * ctx.scale)).to(ctx.dtype), None, None, None, None
-
-
 def relation_ce_triton(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor,
                        student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """Fused ``ressl_cross_entropy(student, relation_targets(teacher, queue, tau_t), queue, tau_s)``.
+    """``relation_ce.relation_ce`` with the Triton queue attention.
 
     Args:
         student: (S, B, D) unit student embeddings; receives the gradient.
@@ -103,4 +77,4 @@ def relation_ce_triton(student: torch.Tensor, teacher: torch.Tensor, queue: torc
     Returns:
         scalar fp32 loss.
     """
-    return _RelationCE.apply(student, teacher, queue, student_temp, teacher_temp)
+    return relation_ce(student, teacher, queue, student_temp, teacher_temp, queue_attention)

@@ -1,4 +1,5 @@
-"""Fused ReSSL relation cross-entropy (Triton under TRITON_INTERPRET=1, compiled CPU path) against the reference.
+"""Fused ReSSL relation cross-entropy (one autograd Function; Triton queue attention under TRITON_INTERPRET=1, the
+chunked compiled one on CPU) against the reference.
 
 The reference is ``losses.ressl`` evaluated in float64 (itself checked against a naive loop in ``test_ressl.py``).
 Tolerances: fp32 inputs -> loss rel 1e-5, gradient atol 1e-5 * max|grad|; bf16 inputs (the reference sees the
@@ -24,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from losses import kernels  # noqa: E402
 from losses.kernels import relation_ce_compiled as compiled_mod  # noqa: E402
+from losses.kernels.relation_ce import relation_ce  # noqa: E402
 from losses.ressl import ReSSLLoss, relation_targets, ressl_cross_entropy  # noqa: E402
 
 TAU_S, TAU_T = 0.1, 0.04
@@ -61,6 +63,27 @@ def _check(fn, shape, dtype):
 def test_triton_matches_reference(shape, dtype):
     from losses.kernels.relation_ce_triton import relation_ce_triton
     _check(relation_ce_triton, shape, dtype)
+
+
+def _exact_attention(x, queue, inv_t):
+    """Queue attention in float64 without tiling: lse and softmax-weighted queue mean of every row."""
+    z = (x.double() @ queue.double().T) * inv_t.double().unsqueeze(-1)
+    return torch.logsumexp(z, dim=-1), torch.softmax(z, dim=-1) @ queue.double()
+
+
+def test_function_with_exact_attention_matches_reference():
+    """The shared autograd Function (loss identity and saved ``u - v`` backward) with an untiled float64 attention.
+    The per-row 1/temp is an fp32 tensor, so tau_s = 0.1 enters with fp32 rounding: rel 1e-6."""
+    student, teacher, queue = (t.double() for t in _inputs((3, 7, 40, 130), torch.float32))
+    s64 = student.clone().requires_grad_()
+    ref = ressl_cross_entropy(s64, relation_targets(teacher, queue, TAU_T), queue, TAU_S)
+    ref.backward()
+    x = student.clone().requires_grad_()
+    loss = relation_ce(x, teacher, queue, TAU_S, TAU_T, _exact_attention)
+    (2.0 * loss).backward()
+    assert x.grad.dtype == torch.float64
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad, 2.0 * s64.grad, rtol=0, atol=1e-6 * s64.grad.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
