@@ -24,24 +24,13 @@ from losses.common import fp32_island
 from losses.intl import norm_mse
 from losses.kernels import fused_for, group_channel_whiten_fused
 from losses.whitening import compute_dtype, group_channel_whiten
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """Deterministic 63-bit seed from integers (splitmix64 finaliser chained over the values)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
+from runtime.seeding import Stream, derive_seed
 
 
 def partition_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded from (seed, step, rank): resumable from ``step`` alone; ranks differ."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(mix_seed(seed, step, rank))
+    gen.manual_seed(derive_seed(Stream.CW_RGP_PARTITION, seed, step, rank))
     return gen
 
 

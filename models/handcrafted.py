@@ -28,6 +28,8 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from runtime.seeding import Stream, derive_seed
+
 #: representation name -> the factor the official code divides it by before dCor
 CODE_SCALE: dict[str, float] = {
     "full_img": 32.0,
@@ -130,11 +132,6 @@ def batch_augment_transform(size: int) -> T.Compose:
     ])
 
 
-def augment_seed(seed: int, step: int) -> int:
-    """The CPU RNG seed of the batch augmentation at ``step``: a pure function, so resuming needs no RNG state."""
-    return (seed * 1_000_003 + step * 7_919 + 0x5F3759DF) % (2**63 - 1)
-
-
 # ---------------------------------------------------------------------------------------------- the module
 class HandcraftedRepresentations(nn.Module):
     """Computes the selected representations of the non-augmented view (no parameters, no state).
@@ -192,7 +189,7 @@ class HandcraftedRepresentations(nn.Module):
         if size not in self._augment:
             self._augment[size] = batch_augment_transform(size)
         with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(augment_seed(self.seed, step))
+            torch.random.default_generator.manual_seed(derive_seed(Stream.HANDCRAFTED_AUGMENT, self.seed, step))
             return self._augment[size](x.contiguous())
 
     @torch.no_grad()

@@ -31,6 +31,7 @@ from pipeline.augment import augment_ops as ops
 from pipeline.augment import blur_ops, color_kernel
 from pipeline.batch import Batch
 from pipeline.config import ViewConfig
+from runtime.seeding import Stream, derive_seed
 
 
 @dataclass
@@ -185,7 +186,7 @@ class DeviceAugment:
         """
         self._check(batch)
         if step is not None:
-            self.generator.manual_seed((self.seed * 1_000_003 + step * 7_919 + 0x5EED) % (2**63 - 1))
+            self.generator.manual_seed(derive_seed(Stream.DEVICE_AUGMENT, self.seed, step))
         out: list[torch.Tensor | None] = [None] * len(self.views)
         b = batch.batch_size
         for idx in self.groups:

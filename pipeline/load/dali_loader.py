@@ -33,6 +33,7 @@ from pipeline.batch import Batch
 from pipeline.config import DataConfig, ViewConfig
 from pipeline.load.ffcv_loader import batches_per_rank, shard_indices
 from runtime.config_loader import ConfigError
+from runtime.seeding import Stream, derive_seed
 
 
 class ShardIndex:
@@ -157,11 +158,6 @@ class _EpochSource:
         return [self.index.jpeg(int(i)) for i in ids], ids.astype(np.int64)
 
 
-def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
-    """DALI seed of one (seed, epoch, rank): ranks must differ or same-slot samples get correlated crops."""
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729 + 0x5EED) % (2**31 - 1)
-
-
 class DALILoader:
     """Multi-crop batches from webdataset shards through DALI (module docstring; build with build_dali_loader)."""
 
@@ -189,8 +185,10 @@ class DALILoader:
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
             else None
-        pipe = Pipeline(batch_size=bs, num_threads=max(1, self.cfg.workers), device_id=device_id,
-                        seed=pipeline_seed(self.seed, epoch, self.rank), prefetch_queue_depth=self.prefetch)
+        # ranks need their own seed or same-slot samples get correlated crops; DALI takes a non-negative int32
+        seed = derive_seed(Stream.DALI_PIPELINE, self.seed, epoch, self.rank, bits=31)
+        pipe = Pipeline(batch_size=bs, num_threads=max(1, self.cfg.workers), device_id=device_id, seed=seed,
+                        prefetch_queue_depth=self.prefetch)
         with pipe:
             jpegs, idx = fn.external_source(source=_EpochSource(self.index, order, bs), num_outputs=2, batch=True,
                                             batch_info=True, dtype=[types.UINT8, types.INT64])

@@ -35,6 +35,7 @@ from numba import njit, prange, uint64
 from numba.experimental import jitclass
 
 from pipeline.load.crops import sample_rrc_nb
+from runtime.seeding import Stream, derive_seed
 
 _LIB = ctypes.CDLL(_libffcv.__file__)
 _memcpy_c = _LIB.my_memcpy  # (source, destination, n_bytes); callable from numba and from Python
@@ -67,14 +68,9 @@ def mix64(z: np.uint64) -> np.uint64:
     return z ^ (z >> uint64(31))
 
 
-def epoch_key(seed: int, epoch: int) -> np.uint64:
-    """64-bit stream key for (seed, epoch); per-sample and per-view keys are derived from it."""
-    return mix64(np.uint64(mix64(np.uint64(seed % 2**64))) + np.uint64(epoch % 2**64))
-
-
 @njit(cache=True)
 def view_key(ekey: np.uint64, sample: np.uint64, view: np.uint64) -> np.uint64:
-    """Key of the RNG stream of one view of one sample (see :func:`epoch_key`)."""
+    """Key of the RNG stream of one view of one sample, from the epoch key (:meth:`MultiCropDecoder.set_epoch`)."""
     skey = mix64(uint64(ekey) + uint64(sample) * _GOLDEN)
     return mix64(skey + (uint64(view) + uint64(1)) * _VIEW_STEP)
 
@@ -151,7 +147,7 @@ class MultiCropDecoder(Operation):
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         """Select the random streams of ``epoch`` (call before the epoch's iterator starts decoding)."""
-        self.key_block[0] = epoch_key(seed, epoch)
+        self.key_block[0] = np.uint64(derive_seed(Stream.FFCV_CROPS, seed, epoch, bits=64))
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         heights, widths = self.metadata["height"], self.metadata["width"]
@@ -204,7 +200,7 @@ def decode_multicrop(addrs, nbytes, modes, heights, widths, sample_ids, destinat
         modes, heights, widths: (B,) int64 FFCV image mode (0 = jpg, 1 = raw) and stored size.
         sample_ids: (B,) dataset indices (select the random streams).
         destination: (B, total + 1) uint8 output; temp_storage: (B, max_h * max_w * 3) uint8 decode scratch.
-        ekey: uint64 epoch key (:func:`epoch_key`).
+        ekey: uint64 epoch key (:meth:`MultiCropDecoder.set_epoch`).
         sizes, scales, ratios, flip_ps, offsets: per-view recipe and per-sample byte offsets.
 
     No argument may be a 1-D uint8 array: FFCV's ``OSCacheManager.state_type`` sets ``mutable = False`` on numba's

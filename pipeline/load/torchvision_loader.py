@@ -24,11 +24,7 @@ from pipeline.batch import Batch
 from pipeline.config import DataConfig
 from pipeline.load.pil_transforms import build_pil_view_transform
 from runtime.config_loader import ConfigError
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that is a pure function of (seed, epoch, index)."""
-    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + 0x9E3779B9) % (2**63 - 1)
+from runtime.seeding import Stream, derive_seed
 
 
 class MultiCropFolder(Dataset):
@@ -55,7 +51,7 @@ class MultiCropFolder(Dataset):
         index, epoch = item
         if self.subset is not None:  # crops and the reported index follow the image, not its position in the subset
             index = self.subset[index]
-        s = sample_seed(self.seed, epoch, index)
+        s = derive_seed(Stream.SAMPLE_TRANSFORM, self.seed, epoch, index)
         random.seed(s)
         torch.manual_seed(s)
         path, label = self.folder.samples[index]

@@ -14,12 +14,12 @@ from models.handcrafted import (
     CODE_SCALE,
     BatchColorJitter,
     HandcraftedRepresentations,
-    augment_seed,
     batch_augment_transform,
     finite_adjust_hue,
     hog_features,
     local_std,
 )
+from runtime.seeding import Stream, derive_seed
 
 SOBEL = [[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]
 
@@ -119,10 +119,10 @@ def test_augment_is_the_official_torchvision_transform_seeded_by_step():
         T.RandomResizedCrop(32, antialias=False), T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2),
         T.GaussianBlur(kernel_size=2 * int(0.05 * 32) + 1)])
-    torch.manual_seed(augment_seed(5, 7))
+    torch.manual_seed(derive_seed(Stream.HANDCRAFTED_AUGMENT, 5, 7))
     assert torch.equal(got, official(x))
     for step in range(8):  # every branch of the random order / RandomApply
-        torch.manual_seed(augment_seed(5, step))
+        torch.manual_seed(derive_seed(Stream.HANDCRAFTED_AUGMENT, 5, step))
         assert torch.equal(reps(x, step)["full_img_augment"], official(x))
     assert torch.equal(reps(x, step=7)["full_img_augment"], got)  # a pure function of (seed, step)
     assert not torch.equal(reps(x, step=8)["full_img_augment"], got)
