@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig, dino_views
+from pipeline.config import AugmentConfig, DataConfig, dino_views
 
 # THP_MEM_ALLOC_ENABLE: PyTorch's CPU allocator asks for transparent huge pages on large tensors (> 32 MiB tensors
 # are always mmap'd fresh by glibc, so each batch's fp32 views were page-faulted 4 KiB at a time: DeviceAugment's
@@ -239,11 +239,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def data_config(args: argparse.Namespace, kind: str, path: str, recipe: str) -> DataConfig:
     """DataConfig of one table row; only the official ``torchvision`` full-recipe row augments in PIL."""
     g, s = (int(x) for x in args.sizes.split(","))
-    views = [dataclasses.replace(v, size=g if v.role == "global" else s, jitter_impl=args.jitter)
-             for v in dino_views(n_local=args.n_local)]
+    views = [dataclasses.replace(v, size=g if v.role == "global" else s) for v in dino_views(n_local=args.n_local)]
     loader = "torchvision" if kind.startswith("torchvision") else kind
     return DataConfig(loader=loader, train_path=path, batch_size=args.batch_size, workers=args.workers,
-                      views=views, device_augment=(recipe == "crop" or kind != "torchvision"))
+                      views=views, device_augment=(recipe == "crop" or kind != "torchvision"),
+                      augment=AugmentConfig(jitter_impl=args.jitter))
 
 
 def build(kind: str, cfg: DataConfig):
@@ -270,7 +270,7 @@ def run_one(args: argparse.Namespace, kind: str, recipe: str, path: str) -> dict
     augment = None
     if recipe == "full" and kind != "torchvision":
         augment = DeviceAugment(cfg.expanded_views(), cfg.mean, cfg.std, seed=0, flip=False,
-                                compile=args.compile_augment)
+                                compile=args.compile_augment, impl=cfg.augment)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         loader = build(kind, cfg)

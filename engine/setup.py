@@ -88,4 +88,5 @@ def make_augment(cfg: Config, device: torch.device):
                          out_dtype=autocast_dtype(cfg.model.precision, device) or torch.float32,
                          channels_last=cfg.model.channels_last, seed=cfg.train.seed * 1000 + dist.rank(),
                          flip=cfg.data.loader != "torchvision",  # the PIL path flips already
-                         compile=cfg.model.compile)  # model.compile also compiles the elementwise augmentation
+                         compile=cfg.model.compile,  # model.compile also compiles the elementwise augmentation
+                         impl=cfg.data.augment)

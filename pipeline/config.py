@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from runtime.config_loader import (
     ConfigError,
@@ -37,16 +37,9 @@ class ViewConfig:
     # Blur kernel length in output pixels; 0 = 2*ceil(3*blur_sigma[1])+1 (13 taps for sigma<=2). sigma is in output
     # pixels for every crop size, as in DINO (PIL GaussianBlur(radius=sigma) on the resized crop).
     blur_kernel: int = bounded(0, ge=3, also=(0,))
-    # Device colour jitter: "exact" (default) = torchvision float semantics (clamp after each op, HSV hue);
-    # "fused" = one per-sample affine colour map (hue as a rotation about the grey axis): ~1.7x cheaper than the torch
-    # ops of "exact" (on CPU batches cpu_impl="kernel" makes "exact" nearly as cheap: 0.12 vs 0.09 s per DINO batch) but
-    # mean |diff| 7.6/255 vs torchvision with hue 0.1 (augment_ops.jitter_matrices). Only used by the
-    # device augmentation (pipeline/augment/), not by the PIL path. The blur kernel rule above applies to both.
-    jitter_impl: Literal["exact", "fused"] = "exact"
-    # Device augmentation of CPU batches: "kernel" = numba kernels for the exact colour stage and the blur
-    # (pipeline/augment/color_kernel.py, blur_ops.py: same results to float32 rounding, ~10x cheaper); "torch" = the
-    # torch ops (the reference; what other devices always run).
-    cpu_impl: Literal["kernel", "torch"] = "kernel"
+    # Keys that belong to another section (one value for every view): the loader's error names the new key.
+    moved_keys: ClassVar[dict[str, str]] = {"jitter_impl": "data.augment.jitter_impl",
+                                            "cpu_impl": "data.augment.cpu_impl"}
 
     def __post_init__(self) -> None:
         for name in ("scale", "ratio", "blur_sigma"):
@@ -55,6 +48,23 @@ class ViewConfig:
                 raise ConfigError(f"views[].{name}: need min <= max, got {getattr(self, name)}")
         if self.blur_kernel % 2 == 0 and self.blur_kernel != 0:
             raise ConfigError(f"views[].blur_kernel: must be 0 (auto) or an odd number >= 3, got {self.blur_kernel}")
+
+
+@dataclass
+class AugmentConfig:
+    """How the device augmentation (``pipeline/augment/``) runs every view's recipe; the recipe itself is in the
+    views. Only the device path reads it, not the per-image PIL path. Each switch selects rows of the backend table
+    ``pipeline.augment.backends.BACKENDS``.
+    """
+
+    # Colour jitter: "exact" = torchvision float semantics (clamp after each op, HSV hue), the reference; "fused" = one
+    # per-sample affine colour map (hue as a rotation about the grey axis), cheaper (docs/performance.md) but mean
+    # |diff| 7.6/255 vs torchvision with hue 0.1 (color_matrix.jitter_matrices).
+    jitter_impl: Literal["exact", "fused"] = "exact"
+    # CPU batches: "kernel" = numba kernels for the exact colour stage and the blur (color_kernel.py, blur_kernel.py:
+    # same results to float32 rounding, about 10x cheaper than the torch ops); "torch" = the torch ops (what every
+    # other device runs).
+    cpu_impl: Literal["kernel", "torch"] = "kernel"
 
 
 def dino_views(global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), n_local=8, local_size=96) -> list[ViewConfig]:
@@ -75,6 +85,7 @@ class DataConfig:
     # loader worker processes/threads per rank; use every core not driving the accelerator
     workers: int = bounded(2, ge=0)
     views: list[ViewConfig] = field(default_factory=dino_views)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # implementation switches of the device augmentation
     # torchvision loader only: False = the official repos' way (every op in PIL per image in workers);
     # True = PIL does decode+crop+flip, colour/blur/solarize run batched on the device (much faster).
     device_augment: bool = True

@@ -172,6 +172,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
+        moved = getattr(cls, "moved_keys", {})  # optional ClassVar: old key -> the dotted key that replaces it
+        for key in unknown:
+            if key in moved:
+                raise ConfigError(f"config key {where}{key} has moved: set {moved[key]} instead")
         raise ConfigError(
             f"unknown config key {where}{unknown[0]!r}; "
             f"known keys in {prefix or 'the top level'}: {', '.join(sorted(fields))}"

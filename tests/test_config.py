@@ -32,6 +32,12 @@ def test_views_expand_and_lists_override(tmp_path):
     assert sizes == [64, 64, 32, 32, 32]
 
 
+def test_augment_switches_hold_for_every_view():
+    cfg = load_config("dino", [], ["data.augment.jitter_impl=fused", "data.augment.cpu_impl=torch"])
+    assert (cfg.data.augment.jitter_impl, cfg.data.augment.cpu_impl) == ("fused", "torch")
+    assert load_config("dino").data.augment.jitter_impl == "exact"  # the reference path by default
+
+
 def test_exponent_without_dot_is_a_float():
     # YAML 1.1 reads '1e-5' as a string; a float field must still take it
     cfg = load_config("dino", [], ["optim.min_lr=1e-5", "optim.lr=2E-3"])
@@ -52,6 +58,10 @@ def test_exponent_without_dot_is_a_float():
         ("data.views=[{role: local, size: 32}, {role: global}]", ["data.views", "global"]),
         ("data.views=[{role: global, scale: [0.5, 0.2]}]", ["scale", "0.5"]),
         ("model.channels_last=maybe", ["model.channels_last", "maybe"]),
+        ("data.augment.cpu_impl=numba", ["data.augment.cpu_impl", "numba", "'kernel'", "'torch'"]),
+        # implementation switches are per run, not per view: the old per-view key names its replacement
+        ("data.views=[{role: global, jitter_impl: fused}]", ["data.views[0].jitter_impl", "data.augment.jitter_impl"]),
+        ("data.views=[{role: global, cpu_impl: torch}]", ["data.views[0].cpu_impl", "data.augment.cpu_impl"]),
         ("noequals", ["noequals", "key=value"]),
     ],
 )

@@ -11,10 +11,10 @@ import dataclasses
 import torch
 
 from benchmarks.gpu_check.child import Recorder, device, median_seconds, tiny
-from pipeline.augment import augment_ops as ops
-from pipeline.augment.gpu_augment import DeviceAugment, channel_means
+from pipeline.augment import blur_ops, color_matrix, color_ops, pixel_ops
+from pipeline.augment.gpu_augment import DeviceAugment
 from pipeline.batch import Batch
-from pipeline.config import DataConfig, dino_views
+from pipeline.config import AugmentConfig, DataConfig, dino_views
 
 ANCHORS = {"adjust_hue (HSV)": "anchor ~17.5k img/s (RTX A6000)", "fused jitter (affine colour map)":
            "YIQ-style anchor ~132k img/s (RTX A6000)", "gaussian_blur": "anchor ~126k img/s (RTX A6000)"}
@@ -31,25 +31,26 @@ def op_table(x: torch.Tensor) -> dict:
     active = torch.ones(n, dtype=torch.bool)
     u8 = (x * 255).to(torch.uint8)
     sigma = (0.1 + 1.9 * torch.rand(n, generator=gen)).to(dev)
-    size = ops.blur_kernel_size(2.0)
+    size = blur_ops.blur_kernel_size(2.0)
     scale, bias = torch.ones(1, 3, 1, 1, device=dev), torch.zeros(1, 3, 1, 1, device=dev)
 
     def fused_jitter():
-        m, b = ops.jitter_matrices(order.to(dev), factors.to(dev), active.to(dev), channel_means(u8))
-        return ops.apply_color_matrix_u8(u8, m, b)
+        m, b = color_matrix.jitter_matrices(order.to(dev), factors.to(dev), active.to(dev),
+                                            color_matrix.channel_means(u8))
+        return color_matrix.apply_color_matrix_u8(u8, m, b)
     return {
-        "uint8 -> float": lambda: ops.to_float01(u8),
-        "adjust_brightness": lambda: ops.adjust_brightness(x, f),
-        "adjust_contrast": lambda: ops.adjust_contrast(x, f),
-        "adjust_saturation": lambda: ops.adjust_saturation(x, f),
-        "adjust_hue (HSV)": lambda: ops.adjust_hue(x, shift),
-        "colour jitter exact (4 ops, random order)": lambda: ops.color_jitter_exact(x, order, factors.to(dev),
-                                                                                   active, (True,) * 4),
+        "uint8 -> float": lambda: pixel_ops.to_float01(u8),
+        "adjust_brightness": lambda: color_ops.adjust_brightness(x, f),
+        "adjust_contrast": lambda: color_ops.adjust_contrast(x, f),
+        "adjust_saturation": lambda: color_ops.adjust_saturation(x, f),
+        "adjust_hue (HSV)": lambda: color_ops.adjust_hue(x, shift),
+        "colour jitter exact (4 ops, random order)": lambda: color_ops.color_jitter_exact(
+            x, order, factors.to(dev), active, (True,) * 4),
         "fused jitter (affine colour map)": fused_jitter,
-        "grayscale": lambda: ops.grayscale(x),
-        "gaussian_blur": lambda: ops.gaussian_blur(x, sigma, size),
-        "solarize": lambda: ops.solarize(x),
-        "normalize": lambda: ops.normalize(x, scale, bias),
+        "grayscale": lambda: color_ops.grayscale(x),
+        "gaussian_blur": lambda: blur_ops.gaussian_blur(x, sigma, size),
+        "solarize": lambda: pixel_ops.solarize(x),
+        "normalize": lambda: pixel_ops.normalize(x, scale, bias),
     }
 
 
@@ -75,9 +76,8 @@ def main() -> int:
     batch = recipe_batch(views, b, dev)
     for impl in ("exact", "fused"):
         for compile in (False, True):
-            vs = [dataclasses.replace(v, jitter_impl=impl) for v in views]
-            aug = DeviceAugment(vs, DataConfig().mean, DataConfig().std, torch.bfloat16, True, seed=0, flip=True,
-                                compile=compile)
+            aug = DeviceAugment(views, DataConfig().mean, DataConfig().std, torch.bfloat16, True, seed=0, flip=True,
+                                compile=compile, impl=AugmentConfig(jitter_impl=impl))
             label = f"DINO recipe {'2x224+6x96' if not small else 'tiny'} {impl} {'compiled' if compile else 'eager'}"
             t = rec.attempt(label, lambda aug=aug: median_seconds(lambda: aug(batch, step=3), dev, reps, warmup=2))
             if t is not None:

@@ -1,150 +1,60 @@
-"""Per-sample Gaussian blur for ``DeviceAugment``: a direct CPU kernel and the dispatcher.
+"""Per-sample Gaussian blur with torch ops (any device): the op unit's sampling and the reference apply.
 
-:func:`pipeline.augment.augment_ops.gaussian_blur` (a grouped convolution, any device) is the reference. On a CPU that
-convolution, one group per channel of every sample, is the costliest augmentation op, so CPU tensors go through
-:func:`blur_selected_cpu_`, which computes **the same sampled, truncated and normalised Gaussian** directly:
-
-* one task per selected (sample, channel) plane - or per sample for channels-last tensors (the FFCV layout) - over
-  numba threads; a vertical pass into a plane-sized scratch, then a horizontal pass over an edge-replicated copy of
-  each row, written back **in place** (no layout change, no copy or gather of samples);
-* inner loops run along contiguous rows; each sample runs only its significant taps (tails below ``1e-9`` of the
-  centre tap change no float32 result), so sigma = 0.3 costs 5 taps per pass instead of 13;
-* the result does not depend on the number of threads (one thread per plane, fixed order).
-
-Speed against the convolution: ``docs/performance.md``.
+A sampled Gaussian of an odd number of taps, normalised, edge pixels replicated (as PIL's GaussianBlur does), with a
+standard deviation drawn per sample in output pixels. ``blur_kernel.blur_selected_cpu_`` computes the same result
+directly on CPU tensors (the ``("blur", "kernel")`` backend).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
-
-from pipeline.augment import augment_ops as ops
-
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba is pinned in requirements.txt (FFCV needs it)
-    numba = None
-
-NEGLIGIBLE_TAP = 1e-9  # taps below this fraction of the centre tap are skipped by the direct kernel
+import torch.nn.functional as F
 
 
-def significant_radius(kernels: torch.Tensor) -> torch.Tensor:
-    """Per-sample radius of the taps that matter: kernels (N, K) symmetric, K odd -> (N,) int64 in [0, K // 2]."""
-    half = kernels.shape[1] // 2
-    keep = kernels >= NEGLIGIBLE_TAP * kernels[:, half : half + 1]
-    return half - keep.to(torch.int64).argmax(dim=1)  # first kept tap from the left
+def sample_sigma(sigma_range: tuple[float, float], u: torch.Tensor) -> torch.Tensor:
+    """Blur standard deviations uniform on ``sigma_range`` (output pixels): uniforms (N,) in [0, 1) -> (N,) float32."""
+    s_lo, s_hi = sigma_range
+    return s_lo + (s_hi - s_lo) * u
 
 
-if numba is not None:
-
-    @njit(parallel=True, nogil=True, cache=True)
-    def _blur_planes_(x, samples, weights, radius, step):  # pragma: no cover - compiled; tested via the wrapper
-        """In-place separable blur of the planes ``x[s, p]`` (H, L) for s in ``samples``.
-
-        x: (N, P, H, L) float32 C-contiguous, a pixel's neighbours along a row ``step`` elements apart (NCHW:
-        P = C planes with L = W, step 1; NHWC: one plane per sample with L = W * C, step C); samples: (S,) int64;
-        weights: (N, K) float32; radius: (N,) int64.
-        """
-        n_planes, h, length = x.shape[1], x.shape[2], x.shape[3]
-        half = weights.shape[1] // 2
-        for q in prange(samples.shape[0] * n_planes):
-            s = samples[q // n_planes]
-            plane = x[s, q % n_planes]
-            r = radius[s]
-            k = weights[s, half - r : half + r + 1]
-            tmp = np.empty((h, length), np.float32)
-            pad = r * step
-            row = np.empty(length + 2 * pad, np.float32)
-            for i in range(h):  # vertical pass: rows are clamped at the borders (edge replication)
-                acc = tmp[i]
-                src = plane[max(i - r, 0)]
-                for j in range(length):
-                    acc[j] = k[0] * src[j]
-                for t in range(1, 2 * r + 1):
-                    src = plane[min(max(i + t - r, 0), h - 1)]
-                    wt = k[t]
-                    for j in range(length):
-                        acc[j] += wt * src[j]
-            for i in range(h):  # horizontal pass over an edge-replicated copy of the row, back into the plane
-                src = tmp[i]
-                mid = row[pad : pad + length]  # offsets go into slices: a variable offset inside the index
-                for j in range(length):  # defeats vectorisation (numba's negative-index wraparound check)
-                    mid[j] = src[j]
-                for e in range(pad):  # scalar loops: numba's slice assignments cost more than these few pixels
-                    row[e] = src[e % step]
-                    row[pad + length + e] = src[length - step + e % step]
-                dst = plane[i]
-                for j in range(length):
-                    dst[j] = k[0] * row[j]
-                for t in range(1, 2 * r + 1):
-                    wt = k[t]
-                    seg = row[t * step : t * step + length]
-                    for j in range(length):
-                        dst[j] += wt * seg[j]
+def blur_kernel_size(sigma_max: float, fixed: int = 0) -> int:
+    """Odd 1-D kernel length: ``fixed`` if > 0, else ``2 ceil(3 sigma_max) + 1`` (truncation at 3 sigma)."""
+    if fixed > 0:
+        return fixed
+    return 2 * math.ceil(3.0 * sigma_max) + 1
 
 
-def direct_blur_available(x: torch.Tensor) -> bool:
-    """Whether :func:`blur_selected_cpu_` can take ``x`` (a CPU float32 tensor, numba importable)."""
-    return numba is not None and x.device.type == "cpu" and x.dtype == torch.float32
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised sampled Gaussians, one per sample: sigma (N,) -> (N, size)."""
+    half = (size - 1) / 2.0
+    t = torch.linspace(-half, half, size, device=sigma.device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+    return k / k.sum(dim=1, keepdim=True)
 
 
-def blur_selected_cpu_(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """Blur the samples selected by ``mask`` **in place** with their own sigma (same result as
-    :func:`augment_ops.gaussian_blur`: sampled Gaussian of ``size`` taps, normalised, edges replicated).
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma, edge pixels replicated (as PIL's GaussianBlur does).
+
+    All samples go through one grouped (depthwise) conv per direction: the batch is folded into channels
+    (1, N*3, H, W) and each channel gets its sample's 1-D kernel. The image is replicate-padded once on all sides
+    (blurring replicated rows equals replicating blurred rows, so this is exact) and convolved channels-last
+    (faster than NCHW for this depthwise shape with oneDNN on CPU; docs/performance.md).
 
     Args:
-        x: (N, 3, H, W) float32 CPU tensor, contiguous or channels-last (any other layout is first copied to
-            channels-last, and the copy is blurred).
-        mask: (N,) bool CPU tensor, the samples to blur.
-        sigma: (N,) float32 CPU tensor (entries of unselected samples are ignored).
-        size: odd kernel length (:func:`pipeline.augment.augment_ops.blur_kernel_size`).
+        x: (N, 3, H, W) float32.
+        sigma: (N,) float32 standard deviations in output pixels.
+        size: odd kernel length (see :func:`blur_kernel_size`).
 
     Returns:
-        ``x`` itself when it was contiguous or channels-last, else its blurred channels-last copy.
+        (N, 3, H, W) float32 (channels-last strided; ops downstream accept any layout).
     """
-    if not direct_blur_available(x):
-        raise ValueError(f"blur_selected_cpu_: needs a float32 CPU tensor and numba, got {x.dtype} on {x.device}")
-    if x.ndim != 4 or mask.shape != (x.shape[0],) or sigma.shape != (x.shape[0],) or size % 2 == 0:
-        raise ValueError(f"blur_selected_cpu_: x (N, C, H, W), mask/sigma (N,), odd size; got {tuple(x.shape)}, "
-                         f"{tuple(mask.shape)}, {tuple(sigma.shape)}, {size}")
     n, c, h, w = x.shape
-    if x.is_contiguous():
-        planes, step = x.numpy(), 1
-    else:
-        x = x.contiguous(memory_format=torch.channels_last)  # no-op for NHWC tensors (the FFCV loader's layout)
-        planes, step = x.permute(0, 2, 3, 1).numpy().reshape(n, 1, h, w * c), c  # a view: one plane per sample
-    samples = torch.nonzero(mask.cpu()).squeeze(1)
-    if samples.numel() == 0:
-        return x
-    kernels = ops.gaussian_kernels(sigma.cpu().to(torch.float32), size)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # torch's budget
-    try:
-        _blur_planes_(planes, samples.numpy(), kernels.numpy(), significant_radius(kernels).numpy(), step)
-    finally:
-        numba.set_num_threads(threads)
-    return x
-
-
-def blur_selected(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, size: int,
-                  impl: str = "kernel") -> torch.Tensor:
-    """Blur the samples selected by ``mask`` (N,) bool with their own ``sigma`` (N,): the direct kernel, in place,
-    for CPU float32 tensors; elsewhere (or ``impl="torch"``) the grouped convolution on the selected subset.
-
-    Args:
-        x: (N, 3, H, W) float.
-        mask: (N,) bool host tensor.
-        sigma: (N,) float32 host tensor.
-        size: odd kernel length.
-        impl: ``ViewConfig.cpu_impl``: "kernel" (the direct kernel when available) or "torch" (convolution).
-
-    Returns:
-        (N, 3, H, W): ``x`` blurred in place, or a new tensor (convolution path / non-contiguous input).
-    """
-    if impl not in ("kernel", "torch"):
-        raise ValueError(f"blur_selected: impl must be 'kernel' or 'torch', got {impl!r}")
-    if impl == "kernel" and direct_blur_available(x):
-        return blur_selected_cpu_(x, mask, sigma, size)
-    return ops.on_subset(x, mask, lambda t, sel: ops.gaussian_blur(t, sigma[sel].to(x.device), size))
+    k = gaussian_kernels(sigma, size).repeat_interleave(c, dim=0)  # (N*C, size)
+    pad = size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="replicate")
+    y = y.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)

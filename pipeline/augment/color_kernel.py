@@ -1,8 +1,10 @@
-"""Exact colour stage on the CPU in one kernel: uint8 -> float + random-order ColorJitter + grayscale (stage [2]).
+"""Exact colour stage on the CPU in one kernel: uint8 -> float + random-order ColorJitter + grayscale (the
+``("color_exact", "kernel")`` backend of ``DeviceAugment``).
 
-Same semantics as :func:`augment_ops.color_jitter_exact` followed by grayscale (torchvision float ops: clamp
-after every op, contrast against the mean luma of the image *at that point of the sequence*, exact HSV hue), computed
-row by row per sample so that every intermediate stays in L1 cache instead of going through memory once per op:
+Same semantics as :func:`pipeline.augment.color_ops.color_jitter_exact` followed by grayscale (torchvision float ops:
+clamp after every op, contrast against the mean luma of the image *at that point of the sequence*, exact HSV hue),
+computed row by row per sample so that every intermediate stays in L1 cache instead of going through memory once per
+op:
 
 * one task per sample, in parallel over numba threads; rows are loaded into three float32 row buffers (R, G, B), each
   op of the sample's order runs as a vectorisable loop over the row, the result is written once;
@@ -25,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - numba is pinned in requirements.txt (FFCV needs it)
     numba = None
 
-_W_R, _W_G, _W_B = np.float32(0.2989), np.float32(0.587), np.float32(0.114)  # augment_ops.GRAY_WEIGHTS
+_W_R, _W_G, _W_B = np.float32(0.2989), np.float32(0.587), np.float32(0.114)  # color_ops.GRAY_WEIGHTS
 _ZERO, _ONE, _HALF = np.float32(0.0), np.float32(1.0), np.float32(0.5)
 _TWO, _FOUR, _SIX = np.float32(2.0), np.float32(4.0), np.float32(6.0)
 _TINY, _INV255 = np.float32(1e-30), np.float32(1.0 / 255.0)

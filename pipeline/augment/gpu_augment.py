@@ -7,73 +7,32 @@ each view's recipe (``ViewConfig``) on the batch's device, in DINO/BYOL order::
            -> normalise -> cast -> [channels-last]
 
 * Views with the same recipe and size are stacked into one call (DINO's locals: one ``(8B, 3, 96, 96)`` batch).
-* Per-sample parameters are drawn on the **host** from one seeded CPU generator: the grouping (which samples blur,
-  which op comes first) is known without a device sync, draws do not depend on the device, and with ``step`` given
-  they are a pure function of ``(seed, step)`` (resume needs no state). Under DDP pass ``seed + rank``.
-* Colour jitter: ``jitter_impl="exact"`` (torchvision float semantics, HSV hue) or ``"fused"`` (one per-sample affine
-  colour map from uint8 in one matmul; deviation in :func:`pipeline.augment.augment_ops.jitter_matrices`).
-* ``compile=True`` runs the elementwise stages through ``torch.compile`` (fixed shapes, per-sample masks).
-* CPU batches (``cpu_impl="kernel"``) use numba kernels with the same results to float32 rounding
-  (``color_kernel``, ``blur_ops``); ``"torch"`` (and every other device) the torch ops.
+* Per-sample parameters are drawn on the host from one seeded CPU generator (:mod:`pipeline.augment.params`); with
+  ``step`` given they are a pure function of ``(seed, step)`` (resume needs no state). Under DDP pass ``seed + rank``.
+* How each stage runs is looked up in one table (:data:`pipeline.augment.backends.BACKENDS`) from the
+  :class:`pipeline.config.AugmentConfig` switches, ``compile`` and the batch's device: ``jitter_impl="exact"``
+  (torchvision float semantics) or ``"fused"`` (one per-sample affine colour map); ``cpu_impl="kernel"`` runs CPU
+  batches through numba kernels with the same results to float32 rounding; ``compile=True`` runs the elementwise
+  stages through ``torch.compile`` (fixed shapes, per-sample masks).
 * Views are stacked into one contiguous NCHW uint8 tensor first. Costs per batch: ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch.profiler import record_function
 
-from pipeline.augment import augment_ops as ops
-from pipeline.augment import blur_ops, color_kernel
+from pipeline.augment import backends
+from pipeline.augment.blur_ops import blur_kernel_size
+from pipeline.augment.params import ViewParams, sample_params
 from pipeline.batch import Batch
-from pipeline.config import ViewConfig
+from pipeline.config import AugmentConfig, ViewConfig
 from runtime.seeding import Stream, derive_seed
 
-
-@dataclass
-class ViewParams:
-    """Per-sample random parameters of N samples (host tensors).
-
-    Attributes:
-        flip, jitter, gray, blur, solarize: (N,) bool - whether each op is applied to each sample.
-        order: (N, 4) int64 - per-sample permutation of jitter op ids (brightness, contrast, saturation, hue).
-        factors: (N, 4) float32 - brightness/contrast/saturation factors and the hue shift (turns).
-        sigma: (N,) float32 - blur standard deviation in output pixels.
-    """
-
-    flip: torch.Tensor
-    jitter: torch.Tensor
-    order: torch.Tensor
-    factors: torch.Tensor
-    gray: torch.Tensor
-    blur: torch.Tensor
-    sigma: torch.Tensor
-    solarize: torch.Tensor
-
-
-def sample_params(view: ViewConfig, n: int, gen: torch.Generator) -> ViewParams:
-    """Draw the parameters of ``n`` samples of ``view``; always consumes the same number of draws for a given n."""
-    u = torch.rand(n, 6, generator=gen)  # one column per Bernoulli + the blur sigma
-    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)  # uniform random permutations, like randperm(4)
-    lo = torch.tensor([max(0.0, 1.0 - view.brightness), max(0.0, 1.0 - view.contrast),
-                       max(0.0, 1.0 - view.saturation), -view.hue])
-    hi = torch.tensor([1.0 + view.brightness, 1.0 + view.contrast, 1.0 + view.saturation, view.hue])
-    factors = lo + (hi - lo) * torch.rand(n, 4, generator=gen)
-    s_lo, s_hi = view.blur_sigma
-    return ViewParams(
-        flip=u[:, 0] < view.flip_p,
-        jitter=u[:, 1] < view.jitter_p,
-        order=order,
-        factors=factors,
-        gray=u[:, 2] < view.grayscale_p,
-        blur=u[:, 3] < view.blur_p,
-        sigma=s_lo + (s_hi - s_lo) * u[:, 4],
-        solarize=u[:, 5] < view.solarize_p,
-    )
+__all__ = ["DeviceAugment", "ViewParams", "sample_params"]
 
 
 def _recipe_key(view: ViewConfig) -> tuple:
@@ -81,47 +40,8 @@ def _recipe_key(view: ViewConfig) -> tuple:
     return dataclasses.astuple(dataclasses.replace(view, role="global", count=1))
 
 
-def _jitter_enabled(view: ViewConfig) -> tuple[bool, bool, bool, bool]:
+def _jitter_enabled(view: ViewConfig) -> backends.Enabled:
     return (view.brightness > 0, view.contrast > 0, view.saturation > 0, view.hue > 0)
-
-
-def fused_color_stage(x: torch.Tensor, flip: torch.Tensor | None, m_mat: torch.Tensor, b_vec: torch.Tensor):
-    """The ``torch.compile`` target of the fused path: [flip] + uint8 -> float + affine colour map (jitter and
-    grayscale folded in): (N, 3, H, W) uint8 -> float32 in [0, 1]. Masks, not subsets: shapes stay fixed."""
-    if flip is not None:
-        x = ops.hflip(x, flip)
-    return ops.apply_color_matrix_pointwise(x, m_mat, b_vec)
-
-
-def channel_means(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample channel means in [0, 1]: (N, 3, H, W) uint8 -> (N, 3) float32 (flip-invariant). Compiled, one
-    pass over the uint8 input (eagerly a float copy of the input is made first, far slower on a CPU)."""
-    return x.sum(dim=(2, 3), dtype=torch.float32) / (255.0 * x.shape[2] * x.shape[3])
-
-
-def exact_color_stage(x: torch.Tensor, flip: torch.Tensor | None, order: torch.Tensor, factors: torch.Tensor,
-                      active: torch.Tensor, gray: torch.Tensor | None, hue_on: bool) -> torch.Tensor:
-    """The ``torch.compile`` target of the exact path: [flip] + uint8 -> float + exact jitter (pointwise
-    formulation, two fused passes) + [grayscale]: (N, 3, H, W) uint8 -> float32 in [0, 1]."""
-    if flip is not None:
-        x = ops.hflip(x, flip)
-    return ops.color_jitter_pointwise(x, order, factors, active, gray, hue_on)
-
-
-def finish_stage(x: torch.Tensor, sol: torch.Tensor | None, scale: torch.Tensor, bias: torch.Tensor,
-                 dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """[solarize] + normalise + cast + layout: (N, 3, H, W) float32 in [0, 1] -> ``dtype``, normalised.
-
-    ``sol`` (N,) bool selects the samples to solarize (None = none). One output allocation in the final dtype and
-    memory format; eagerly the normalise, cast and layout change are a single pass.
-    """
-    if sol is not None:
-        x = ops.solarize(x, sol)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if torch.compiler.is_compiling():  # inductor fuses it all anyway and keeps eager's output strides for this form
-        return ops.normalize(x, scale, bias).to(dtype).contiguous(memory_format=fmt)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
-    return ops.normalize(x, scale, bias, out=out)
 
 
 class DeviceAugment:
@@ -136,11 +56,12 @@ class DeviceAugment:
         seed: seed of the host generator; use a different one per rank.
         compile: ``torch.compile`` the elementwise stages (first call per shape pays the compile).
         flip: apply the per-sample horizontal flip here (``ViewConfig.flip_p``); False when the loader flipped.
+        impl: which implementations run the stages (``DataConfig.augment``); None = the defaults.
     """
 
     def __init__(self, views: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float],
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False, seed: int = 0,
-                 compile: bool = False, flip: bool = False):
+                 compile: bool = False, flip: bool = False, impl: AugmentConfig | None = None):
         if not views:
             raise ValueError("DeviceAugment: at least one view is required")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -155,16 +76,9 @@ class DeviceAugment:
         for i, v in enumerate(self.views):
             groups.setdefault(_recipe_key(v), []).append(i)
         self.groups: list[list[int]] = list(groups.values())
+        self.impl = impl or AugmentConfig()
         self.compiled = compile
-        self._color: Callable = fused_color_stage
-        self._finish: Callable = finish_stage
-        self._color_exact: Callable = exact_color_stage
-        self._means: Callable = channel_means
-        if compile:  # fixed-shape stages: one compile per (view size, stack size, which optional ops are on)
-            self._color = torch.compile(fused_color_stage, dynamic=False)
-            self._color_exact = torch.compile(exact_color_stage, dynamic=False)
-            self._finish = torch.compile(finish_stage, dynamic=False)
-            self._means = torch.compile(channel_means, dynamic=False)
+        self.graphs = backends.Graphs() if compile else None  # one compile per (view size, stack size, optional ops)
 
     def _norm_consts(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalisation scale/bias on ``dev``, copied there once."""
@@ -211,67 +125,22 @@ class DeviceAugment:
 
     def augment_stacked(self, x: torch.Tensor, view: ViewConfig, p: ViewParams) -> torch.Tensor:
         """One recipe on a stack of samples: (N, 3, H, W) uint8 -> (N, 3, H, W) ``out_dtype``, normalised."""
-        dev = x.device
-        flip = p.flip if self.flip and bool(p.flip.any()) else None
-        with record_function(f"augment/color_{view.jitter_impl}"):  # profiler ranges, ~free when not profiling
-            if view.jitter_impl == "fused":
-                y = self._fused_color(x, view, p, flip)
-            else:
-                y = self._exact_color(x, view, p, flip)
+        color = f"color_{self.impl.jitter_impl}"
+        flip = backends.selected(p.flip) if self.flip else None
+        with record_function(f"augment/{color}"):  # profiler ranges, ~free when not profiling
+            y = self._stage(color, x)(x, flip, p, _jitter_enabled(view), self.graphs)
         if bool(p.blur.any()):
-            size = ops.blur_kernel_size(view.blur_sigma[1], view.blur_kernel)
+            size = blur_kernel_size(view.blur_sigma[1], view.blur_kernel)
             with record_function("augment/blur"):
-                y = blur_ops.blur_selected(y, p.blur, p.sigma, size, view.cpu_impl)
-        scale, bias = self._norm_consts(dev)
-        sol = p.solarize if bool(p.solarize.any()) else None
+                y = self._stage("blur", y)(y, p.blur, p.sigma, size)
+        scale, bias = self._norm_consts(x.device)
         with record_function("augment/finish"):
-            if self.compiled:  # fixed shapes: masks instead of subsets, fused into one kernel by inductor
-                sol = None if sol is None else sol.to(dev, non_blocking=True)
-                return self._finish(y, sol, scale, bias, self.out_dtype, self.channels_last)
-            if sol is not None:
-                y = ops.on_subset(y, sol, lambda t, sel: ops.solarize(t))
-            return finish_stage(y, None, scale, bias, self.out_dtype, self.channels_last)
+            return self._stage("finish", y)(y, backends.selected(p.solarize), scale, bias, self.out_dtype,
+                                            self.channels_last, self.graphs)
 
-    def _fused_color(self, x: torch.Tensor, view: ViewConfig, p: ViewParams, flip: torch.Tensor | None):
-        dev = x.device
-        n = x.shape[0]
-        # A zero strength samples the identity factor (1, or a 0 hue shift), so disabled ops need no special case.
-        if any(_jitter_enabled(view)) and bool(p.jitter.any()):
-            means = self._means(x)
-            m_mat, b_vec = ops.jitter_matrices(p.order.to(dev), p.factors.to(dev), p.jitter.to(dev), means)
-        else:
-            m_mat, b_vec = torch.eye(3, device=dev).expand(n, 3, 3), torch.zeros(n, 3, device=dev)
-        if bool(p.gray.any()):
-            m_mat, b_vec = ops.grayscale_matrix(p.gray.to(dev), m_mat, b_vec)
-        m_mat, b_vec = m_mat.contiguous(), b_vec.contiguous()
-        if self.compiled:
-            return self._color(x, None if flip is None else flip.to(dev, non_blocking=True), m_mat, b_vec)
-        if flip is not None:
-            x = ops.on_subset(x, flip, lambda t, sel: t.flip(-1))
-        return ops.apply_color_matrix_u8(x, m_mat, b_vec)
-
-    def _exact_color(self, x: torch.Tensor, view: ViewConfig, p: ViewParams, flip: torch.Tensor | None):
-        dev = x.device
-        enabled = _jitter_enabled(view)
-        if view.cpu_impl == "kernel" and color_kernel.kernel_available(x):  # CPU: one pass instead of one per op
-            if flip is not None:
-                x = ops.on_subset(x, flip, lambda t, sel: t.flip(-1))
-            gray = p.gray if bool(p.gray.any()) else None
-            return color_kernel.color_exact_cpu(x, p.order, p.factors, p.jitter, enabled, gray)
-        if self.compiled:
-            to = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
-            active = p.jitter & any(enabled)  # a disabled op samples the exact identity factor (1 or no hue)
-            return self._color_exact(x, to(flip), to(p.order), to(p.factors), to(active),
-                                     to(p.gray if bool(p.gray.any()) else None), enabled[3])
-        if flip is not None:
-            x = ops.on_subset(x, flip, lambda t, sel: t.flip(-1))
-        y = ops.to_float01(x)
-        if any(enabled) and bool(p.jitter.any()):
-            factors = p.factors.to(dev, non_blocking=True)
-            y = ops.color_jitter_exact(y, p.order, factors, p.jitter, enabled)
-        if bool(p.gray.any()):
-            y = ops.on_subset(y, p.gray, lambda t, sel: ops.grayscale(t).expand_as(t))
-        return y
+    def _stage(self, stage: str, x: torch.Tensor):
+        """The implementation of ``stage`` for input ``x`` (:func:`pipeline.augment.backends.resolve`)."""
+        return backends.resolve(stage, x, self.impl.cpu_impl, self.compiled)
 
 
 def _stack_contiguous(views: list[torch.Tensor]) -> torch.Tensor:

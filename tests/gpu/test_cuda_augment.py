@@ -15,24 +15,27 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.augment.gpu_augment import DeviceAugment, sample_params
-from pipeline.config import DataConfig, ViewConfig, dino_views
+from pipeline.augment.gpu_augment import DeviceAugment
+from pipeline.augment.params import sample_params
+from pipeline.config import AugmentConfig, DataConfig, ViewConfig, dino_views
 from tests.pipeline.test_gpu_augment import ID_MEAN, ID_STD, bare_view, make_batch, reference_pipeline
 
 pytestmark = pytest.mark.cuda
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TORCH_OPS = AugmentConfig(cpu_impl="torch")  # the CPU runs the same torch ops as the device
 
 
 def _full_view(size: int) -> ViewConfig:
     return ViewConfig(size=size, flip_p=0.5, jitter_p=0.8, grayscale_p=0.3, blur_p=0.5, solarize_p=0.4,
-                      blur_sigma=(0.5, 1.5), cpu_impl="torch")
+                      blur_sigma=(0.5, 1.5))
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_exact_path_on_device_equals_per_image_torchvision(dev, tiny, compile):
     view = _full_view(8 if tiny else 32)
     batch = make_batch([view], 24 if tiny else 128, seed=3)
-    out = DeviceAugment([view], ID_MEAN, ID_STD, seed=11, flip=True, compile=compile)(batch.to(dev)).views[0]
+    aug = DeviceAugment([view], ID_MEAN, ID_STD, seed=11, flip=True, compile=compile, impl=TORCH_OPS)
+    out = aug(batch.to(dev)).views[0]
     assert out.device.type == dev.type
     p = sample_params(view, batch.batch_size, torch.Generator().manual_seed(11))
     ref = reference_pipeline(batch.views[0], view, p, flip=True)
@@ -46,7 +49,7 @@ def test_fused_deviation_bound_on_device(dev, tiny, hue, bound_mean, bound_worst
     view = bare_view(16 if tiny else 64, jitter_p=1.0, hue=hue)
     batch = make_batch([view], 64 if tiny else 256, seed=6, smooth=True).to(dev)
     exact = DeviceAugment([view], ID_MEAN, ID_STD, seed=7)(batch).views[0]
-    fused = DeviceAugment([dataclasses.replace(view, jitter_impl="fused")], ID_MEAN, ID_STD, seed=7)(batch).views[0]
+    fused = DeviceAugment([view], ID_MEAN, ID_STD, seed=7, impl=AugmentConfig(jitter_impl="fused"))(batch).views[0]
     d = (fused - exact).abs().float()
     print(f"mean |fused - exact| {255 * d.mean():.2f}/255, worst image {255 * d.mean(dim=(1, 2, 3)).max():.2f}/255")
     assert d.mean() < bound_mean and d.mean(dim=(1, 2, 3)).max() < bound_worst, (d.mean().item(), bound_mean)
@@ -56,10 +59,9 @@ def test_fused_deviation_bound_on_device(dev, tiny, hue, bound_mean, bound_worst
 def test_dino_recipe_on_device_equals_cpu(dev, tiny):
     """2 x 224 + 6 x 96 (tiny: 2 x 32 + 2 x 16), B 16: the same seed gives the same views on CUDA and on the CPU."""
     views = DataConfig(views=dino_views(n_local=2 if tiny else 6, local_size=16 if tiny else 96)).expanded_views()
-    views = [dataclasses.replace(v, cpu_impl="torch", size=32 if tiny and v.role == "global" else v.size)
-             for v in views]
+    views = [dataclasses.replace(v, size=32 if tiny and v.role == "global" else v.size) for v in views]
     batch = make_batch(views, 4 if tiny else 16, seed=2, smooth=True)
-    kw = dict(mean=MEAN, std=STD, seed=5, flip=True)
+    kw = dict(mean=MEAN, std=STD, seed=5, flip=True, impl=TORCH_OPS)
     on_dev = DeviceAugment(views, **kw)(batch.to(dev))
     on_cpu = DeviceAugment(views, **kw)(batch)
     worst = max((a.cpu() - b).abs().max().item() for a, b in zip(on_dev.views, on_cpu.views))

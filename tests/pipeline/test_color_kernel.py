@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from pipeline.augment.gpu_augment import sample_params
+from pipeline.augment.params import sample_params
 from pipeline.config import ViewConfig
 
 pytest.importorskip("numba")

@@ -12,10 +12,11 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
-from pipeline.augment import augment_ops as ops
-from pipeline.augment.gpu_augment import DeviceAugment, sample_params
+from pipeline.augment import backends, blur_ops, color_kernel, color_ops, pixel_ops
+from pipeline.augment.gpu_augment import DeviceAugment
+from pipeline.augment.params import sample_params
 from pipeline.batch import Batch
-from pipeline.config import DataConfig, ViewConfig, dino_views
+from pipeline.config import AugmentConfig, DataConfig, ViewConfig, dino_views
 from tests.pipeline.naive_ops import naive_blur
 
 ID_MEAN, ID_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # normalisation off: outputs are the [0, 1] images
@@ -47,8 +48,9 @@ def constant_batch(rgb: tuple[int, int, int], n: int, size: int = 4) -> Batch:
     return Batch([x], torch.zeros(n, dtype=torch.long), torch.arange(n), 1)
 
 
-def run(view: ViewConfig, batch: Batch, seed: int = 0, **kw) -> torch.Tensor:
-    return DeviceAugment([view], ID_MEAN, ID_STD, seed=seed, **kw)(batch).views[0]
+def run(view: ViewConfig, batch: Batch, seed: int = 0, jitter_impl: str = "exact", **kw) -> torch.Tensor:
+    impl = AugmentConfig(jitter_impl=jitter_impl)
+    return DeviceAugment([view], ID_MEAN, ID_STD, seed=seed, impl=impl, **kw)(batch).views[0]
 
 
 def assert_rate(hits: torch.Tensor, p: float) -> None:
@@ -69,42 +71,43 @@ def test_exact_ops_match_torchvision_per_image():
     x[3] = (x[3] * 255).round() / 255
     fac = torch.rand(12, generator=g) * 1.6
     shift = torch.rand(12, generator=g) - 0.5
-    cases = [(ops.adjust_brightness, TF.adjust_brightness, fac), (ops.adjust_contrast, TF.adjust_contrast, fac),
-             (ops.adjust_saturation, TF.adjust_saturation, fac), (ops.adjust_hue, TF.adjust_hue, shift)]
+    cases = [(color_ops.adjust_brightness, TF.adjust_brightness, fac),
+             (color_ops.adjust_contrast, TF.adjust_contrast, fac),
+             (color_ops.adjust_saturation, TF.adjust_saturation, fac), (color_ops.adjust_hue, TF.adjust_hue, shift)]
     for fn, tv, f in cases:
         ref = torch.stack([tv(x[i], float(f[i])) for i in range(12)])
         torch.testing.assert_close(fn(x, f), ref, atol=2e-6, rtol=0, msg=fn.__name__)
-    torch.testing.assert_close(ops.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(color_ops.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
 
 
 def test_hsv_roundtrip_and_hue_period():
     x = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(ops.hsv_to_rgb(ops.rgb_to_hsv(x)), x, atol=2e-6, rtol=0)
-    torch.testing.assert_close(ops.adjust_hue(x, torch.full((4,), 0.5)),
-                               ops.adjust_hue(x, torch.full((4,), -0.5)), atol=2e-6, rtol=0)
+    torch.testing.assert_close(color_ops.hsv_to_rgb(color_ops.rgb_to_hsv(x)), x, atol=2e-6, rtol=0)
+    torch.testing.assert_close(color_ops.adjust_hue(x, torch.full((4,), 0.5)),
+                               color_ops.adjust_hue(x, torch.full((4,), -0.5)), atol=2e-6, rtol=0)
 
 
 def test_solarize_matches_pil():
     img = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
     ref = np.asarray(ImageOps.solarize(Image.fromarray(img), threshold=128))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    ours = (ops.solarize(x) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    ours = (pixel_ops.solarize(x) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(ours, ref)
-    keep = ops.solarize(x, torch.tensor([False]))
+    keep = pixel_ops.solarize(x, torch.tensor([False]))
     assert torch.equal(keep, x)
 
 
 def test_gaussian_blur_matches_naive_reference():
     x = torch.rand(3, 3, 9, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float32)
     sigma = torch.tensor([0.3, 1.0, 2.0])
-    size = ops.blur_kernel_size(2.0)
+    size = blur_ops.blur_kernel_size(2.0)
     assert size == 13
-    out = ops.gaussian_blur(x, sigma, size)
+    out = blur_ops.gaussian_blur(x, sigma, size)
     for i in range(3):
         ref = naive_blur(x[i].double().numpy(), float(sigma[i]), size)
         np.testing.assert_allclose(out[i].numpy(), ref, atol=2e-6)
-    assert ops.blur_kernel_size(2.0, fixed=23) == 23
-    torch.testing.assert_close(ops.gaussian_kernels(sigma, 7).sum(dim=1), torch.ones(3))
+    assert blur_ops.blur_kernel_size(2.0, fixed=23) == 23
+    torch.testing.assert_close(blur_ops.gaussian_kernels(sigma, 7).sum(dim=1), torch.ones(3))
 
 
 # ----------------------------------------------------------------------------------------------- random rates
@@ -113,24 +116,24 @@ def test_gaussian_blur_matches_naive_reference():
 @pytest.mark.parametrize("impl", ["exact", "fused"])
 def test_flip_grayscale_solarize_blur_rates(impl):
     n = 3000
-    view = bare_view(flip_p=0.5, jitter_impl=impl)
+    view = bare_view(flip_p=0.5)
     batch = make_batch([view], n)
     x = batch.views[0].float() / 255
-    out = run(view, batch, flip=True)
+    out = run(view, batch, flip=True, jitter_impl=impl)
     flipped = (out - x.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
     same = (out - x).abs().amax(dim=(1, 2, 3)) < 1e-5
     assert bool((flipped ^ same).all())
     assert_rate(flipped, 0.5)
 
-    out = run(dataclasses.replace(view, flip_p=0.0, grayscale_p=0.2), batch)
+    out = run(dataclasses.replace(view, flip_p=0.0, grayscale_p=0.2), batch, jitter_impl=impl)
     assert_rate((out[:, 0] - out[:, 1]).abs().amax(dim=(1, 2)) < 1e-6, 0.2)
 
-    out = run(dataclasses.replace(view, flip_p=0.0, solarize_p=0.3), batch)
+    out = run(dataclasses.replace(view, flip_p=0.0, solarize_p=0.3), batch, jitter_impl=impl)
     solarized = (out - x).abs().amax(dim=(1, 2, 3)) > 1e-6
     assert_rate(solarized, 0.3)
-    torch.testing.assert_close(out[solarized], ops.solarize(x[solarized]))
+    torch.testing.assert_close(out[solarized], pixel_ops.solarize(x[solarized]))
 
-    out = run(dataclasses.replace(view, flip_p=0.0, blur_p=0.4, blur_sigma=(1.0, 2.0)), batch)
+    out = run(dataclasses.replace(view, flip_p=0.0, blur_p=0.4, blur_sigma=(1.0, 2.0)), batch, jitter_impl=impl)
     assert_rate((out - x).abs().amax(dim=(1, 2, 3)) > 1e-4, 0.4)
 
 
@@ -151,10 +154,10 @@ def test_jitter_factor_range_on_constant_images(impl, op):
     """On a constant colour each op is x -> f x + (1 - f) ref, so the factor is recoverable per sample."""
     strength = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2}[op]
     kw = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, op: strength}
-    view = bare_view(8, jitter_p=1.0, jitter_impl=impl, **kw)
+    view = bare_view(8, jitter_p=1.0, **kw)
     rgb = torch.tensor([51, 128, 179]) / 255
-    out = run(view, constant_batch((51, 128, 179), 2000, size=8))[:, :, 0, 0]
-    ref = torch.zeros(3) if op == "brightness" else (rgb @ torch.tensor(ops.GRAY_WEIGHTS)).expand(3)
+    out = run(view, constant_batch((51, 128, 179), 2000, size=8), jitter_impl=impl)[:, :, 0, 0]
+    ref = torch.zeros(3) if op == "brightness" else (rgb @ torch.tensor(color_ops.GRAY_WEIGHTS)).expand(3)
     f = (out - ref) / (rgb - ref)  # (N, 3), identical across channels
     assert (f.amax(dim=1) - f.amin(dim=1)).max() < 1e-3
     lo, hi = 1 - strength, 1 + strength
@@ -166,8 +169,8 @@ def test_jitter_factor_range_on_constant_images(impl, op):
 def test_hue_shift_range_exact():
     view = bare_view(8, jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1)
     out = run(view, constant_batch((200, 60, 30), 2000, size=8))
-    h_in = ops.rgb_to_hsv(torch.tensor([200, 60, 30]).reshape(1, 3, 1, 1) / 255)[0, 0, 0, 0]
-    h_out = ops.rgb_to_hsv(out)[:, 0, 0, 0]
+    h_in = color_ops.rgb_to_hsv(torch.tensor([200, 60, 30]).reshape(1, 3, 1, 1) / 255)[0, 0, 0, 0]
+    h_out = color_ops.rgb_to_hsv(out)[:, 0, 0, 0]
     shift = torch.remainder(h_out - h_in + 0.5, 1.0) - 0.5
     assert shift.abs().max() <= 0.1 + 1e-4
     assert shift.min() < -0.095 and shift.max() > 0.095
@@ -179,7 +182,7 @@ def test_hue_shift_range_exact():
 def reference_pipeline(x8: torch.Tensor, view: ViewConfig, p, flip: bool) -> torch.Tensor:
     """Per image, torchvision functional ops in the drawn order + naive blur: the semantics DeviceAugment promises."""
     outs = []
-    size = ops.blur_kernel_size(view.blur_sigma[1], view.blur_kernel)
+    size = blur_ops.blur_kernel_size(view.blur_sigma[1], view.blur_kernel)
     for i in range(x8.shape[0]):
         img = x8[i].float() / 255
         if flip and p.flip[i]:
@@ -192,7 +195,7 @@ def reference_pipeline(x8: torch.Tensor, view: ViewConfig, p, flip: bool) -> tor
         if p.blur[i]:
             img = torch.from_numpy(naive_blur(img.double().numpy(), float(p.sigma[i]), size)).float()
         if p.solarize[i]:
-            img = TF.solarize(img, ops.SOLARIZE_THRESHOLD)
+            img = TF.solarize(img, pixel_ops.SOLARIZE_THRESHOLD)
         outs.append(img)
     return torch.stack(outs)
 
@@ -228,7 +231,7 @@ def test_fused_equals_exact_when_nothing_clamps():
     x = (0.35 + 0.3 * torch.rand(256, 3, 8, 8, generator=g)) * 255
     batch = Batch([x.round().to(torch.uint8)], torch.zeros(256, dtype=torch.long), torch.arange(256), 1)
     exact = run(view, batch, seed=5)
-    fused = run(dataclasses.replace(view, jitter_impl="fused"), batch, seed=5)
+    fused = run(view, batch, seed=5, jitter_impl="fused")
     torch.testing.assert_close(fused, exact, atol=1e-5, rtol=0)
 
 
@@ -239,7 +242,7 @@ def test_fused_deviation_bound(hue, bound_mean, bound_worst):
     view = bare_view(32, jitter_p=1.0, hue=hue)
     batch = make_batch([view], 256, seed=6, smooth=True)
     exact = run(view, batch, seed=7)
-    fused = run(dataclasses.replace(view, jitter_impl="fused"), batch, seed=7)
+    fused = run(view, batch, seed=7, jitter_impl="fused")
     dev = (fused - exact).abs()
     assert dev.mean() < bound_mean
     assert dev.mean(dim=(1, 2, 3)).max() < bound_worst
@@ -309,10 +312,10 @@ def test_determinism_resume_and_step_seeding():
 @pytest.mark.parametrize("impl", ["exact", "fused"])
 def test_samples_and_views_get_independent_parameters(impl):
     """Same image in every sample and every local view: all outputs must differ (fresh draws per sample/view)."""
-    views = [dataclasses.replace(v, jitter_impl=impl, jitter_p=1.0) for v in dino_small(4)][2:]
+    views = [dataclasses.replace(v, jitter_p=1.0) for v in dino_small(4)][2:]
     const = torch.tensor([90, 140, 60], dtype=torch.uint8).reshape(1, 3, 1, 1).expand(8, 3, 8, 8).contiguous()
     batch = Batch([const] * 4, torch.zeros(8, dtype=torch.long), torch.arange(8), 0)
-    out = DeviceAugment(views, ID_MEAN, ID_STD, seed=0)(batch)
+    out = DeviceAugment(views, ID_MEAN, ID_STD, seed=0, impl=AugmentConfig(jitter_impl=impl))(batch)
     colours = torch.cat([v[:, :, 0, 0] for v in out.views])  # (32, 3)
     assert len(torch.unique((colours * 1e4).round(), dim=0)) == 32
 
@@ -320,11 +323,11 @@ def test_samples_and_views_get_independent_parameters(impl):
 @pytest.mark.parametrize("impl", ["fused", pytest.param("exact", marks=pytest.mark.slow)])
 def test_compiled_equals_eager(impl):
     """Cold inductor compile dominates (~15-30 s on 2 busy cores), so: one dtype/layout, few graphs."""
-    local = dataclasses.replace(dino_small(1)[2], jitter_impl=impl, grayscale_p=0.5, solarize_p=0.5,
-                                cpu_impl="torch")  # the torch ops: what other devices compile
+    local = dataclasses.replace(dino_small(1)[2], grayscale_p=0.5, solarize_p=0.5)
     views = [local] * (2 if impl == "fused" else 1)  # one stacked group: two compiled graphs
     batch = make_batch(views, 6, seed=8)
-    kw = dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), out_dtype=torch.float32, channels_last=True, seed=9)
+    kw = dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), out_dtype=torch.float32, channels_last=True, seed=9,
+              impl=AugmentConfig(jitter_impl=impl, cpu_impl="torch"))  # the torch ops: what other devices compile
     eager = DeviceAugment(views, flip=True, **kw)(batch)
     comp = DeviceAugment(views, flip=True, compile=True, **kw)(batch)
     for x, y in zip(eager.views, comp.views):
@@ -342,3 +345,26 @@ def test_channels_last_input_gives_the_same_views():
     b = DeviceAugment(views, ID_MEAN, ID_STD, seed=3, flip=True)(cl)
     for x, y in zip(a.views, b.views):
         assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------- backend table
+
+
+def test_backend_table_resolution():
+    """Every stage has an eager backend; a kernel runs only when switched on and the input suits it (CPU, its dtype);
+    a compiled backend only when compiling; otherwise eager."""
+    stages = {stage for stage, _ in backends.BACKENDS}
+    assert stages == {"color_exact", "color_fused", "blur", "finish"}
+    assert all((stage, "eager") in backends.BACKENDS for stage in stages)
+    fn = {key: entry.fn for key, entry in backends.BACKENDS.items()}
+    u8, f32 = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, 3, 4, 4)
+    assert backends.resolve("color_exact", u8, "torch", False) is fn["color_exact", "eager"]
+    assert backends.resolve("color_exact", u8, "torch", True) is fn["color_exact", "compiled"]
+    assert backends.resolve("color_fused", u8, "kernel", True) is fn["color_fused", "compiled"]  # no fused kernel
+    assert backends.resolve("blur", f32, "torch", True) is fn["blur", "eager"]  # the blur is never compiled
+    assert backends.resolve("finish", f32, "kernel", False) is fn["finish", "eager"]
+    if color_kernel.numba is not None:
+        assert backends.resolve("color_exact", u8, "kernel", True) is fn["color_exact", "kernel"]  # kernel first
+        assert backends.resolve("color_exact", u8.float(), "kernel", False) is fn["color_exact", "eager"]
+    with pytest.raises(KeyError, match="color_exact"):
+        backends.resolve("colour", u8, "torch", False)

@@ -1,5 +1,6 @@
-"""Direct per-sample Gaussian blur (pipeline/augment/blur_ops.py): exactness vs float64 / torchvision / the convolution,
-in-place selection, independence of the batch and thread count, sigma distribution through DeviceAugment."""
+"""Direct per-sample Gaussian blur (pipeline/augment/blur_kernel.py): exactness vs float64 / torchvision / the
+convolution, in-place selection, independence of the batch and thread count, sigma distribution through
+DeviceAugment, the backend choice."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from pipeline.augment import augment_ops as ops
-from pipeline.augment import blur_ops
-from pipeline.augment.gpu_augment import DeviceAugment, sample_params
+from pipeline.augment import backends, blur_kernel, blur_ops
+from pipeline.augment.gpu_augment import DeviceAugment
+from pipeline.augment.params import sample_params
 from pipeline.batch import Batch
-from pipeline.config import ViewConfig
+from pipeline.config import AugmentConfig, ViewConfig
 from tests.pipeline.naive_ops import naive_blur
 
 pytest.importorskip("numba")
@@ -30,7 +31,7 @@ def rand(shape, seed=0) -> torch.Tensor:
 def test_direct_blur_matches_float64_reference(h, w, layout):
     sigma = torch.tensor([0.1, 0.3, 0.77, 1.0, 1.6, 2.0])
     x = rand((6, 3, h, w), seed=h)
-    out = blur_ops.blur_selected_cpu_(x.clone(memory_format=layout), torch.ones(6, dtype=torch.bool), sigma, 13)
+    out = blur_kernel.blur_selected_cpu_(x.clone(memory_format=layout), torch.ones(6, dtype=torch.bool), sigma, 13)
     assert out.is_contiguous(memory_format=layout)
     for i in range(6):
         ref = naive_blur(x[i].double().numpy(), float(sigma[i]), 13)
@@ -42,22 +43,24 @@ def test_direct_blur_matches_torchvision_away_from_borders():
     does not reach the border. Bound: max |diff| 2e-6 per image (float32 rounding; measured ~3e-7)."""
     x = rand((8, 3, 40, 36), seed=1)
     sigma = 0.1 + 1.9 * rand((8,), seed=2)
-    out = blur_ops.blur_selected_cpu_(x.clone(), torch.ones(8, dtype=torch.bool), sigma, 13)
+    out = blur_kernel.blur_selected_cpu_(x.clone(), torch.ones(8, dtype=torch.bool), sigma, 13)
     for i in range(8):
         ref = TF.gaussian_blur(x[i], kernel_size=[13, 13], sigma=[float(sigma[i])] * 2)
         assert (out[i, :, 6:-6, 6:-6] - ref[:, 6:-6, 6:-6]).abs().max() < 2e-6
 
 
-def test_direct_blur_equals_convolution_path_and_keeps_unselected_samples(monkeypatch):
+def test_direct_blur_equals_convolution_path_and_keeps_unselected_samples():
     x = rand((10, 3, 24, 31), seed=3)
     sigma = 0.1 + 1.9 * rand((10,), seed=4)
     mask = torch.tensor([True, False, True, True, False, False, True, False, True, True])
-    out = blur_ops.blur_selected_cpu_(x.clone(), mask, sigma, 13)
-    conv = ops.gaussian_blur(x[mask], sigma[mask], 13)
+    out = blur_kernel.blur_selected_cpu_(x.clone(), mask, sigma, 13)
+    conv = blur_ops.gaussian_blur(x[mask], sigma[mask], 13)
     assert (out[mask] - conv).abs().max() < 1e-6
     assert torch.equal(out[~mask], x[~mask])  # bit-identical: untouched in place
-    monkeypatch.setattr(blur_ops, "direct_blur_available", lambda t: False)  # what non-CPU devices take
-    fallback = blur_ops.blur_selected(x, mask, sigma, 13)  # convolution on the subset, a new tensor
+    eager = backends.resolve("blur", x, "torch", False)  # what non-CPU devices run
+    assert backends.resolve("blur", x, "kernel", False) is blur_kernel.blur_selected_cpu_
+    assert backends.resolve("blur", x.double(), "kernel", False) is eager  # the kernel takes float32 only
+    fallback = eager(x, mask, sigma, 13)  # convolution on the subset, a new tensor
     assert torch.equal(fallback[mask], conv) and torch.equal(fallback[~mask], x[~mask])
 
 
@@ -65,31 +68,33 @@ def test_in_place_contract_and_non_contiguous_input():
     x = rand((4, 3, 12, 12), seed=5)
     mask, sigma = torch.ones(4, dtype=torch.bool), torch.full((4,), 1.5)
     y = x.clone()
-    assert blur_ops.blur_selected(y, mask, sigma, 13) is y and not torch.equal(y, x)
+    assert blur_kernel.blur_selected_cpu_(y, mask, sigma, 13) is y and not torch.equal(y, x)
     cl = x.contiguous(memory_format=torch.channels_last)
-    assert blur_ops.blur_selected(cl, mask, sigma, 13) is cl and torch.equal(cl, y)  # NHWC: in place, same bits
+    # NHWC: in place, same bits
+    assert blur_kernel.blur_selected_cpu_(cl, mask, sigma, 13) is cl and torch.equal(cl, y)
     strided = x.transpose(2, 3)  # neither layout: blurred as a channels-last copy, the input is left alone
-    out = blur_ops.blur_selected(strided, mask, sigma, 13)
+    out = blur_kernel.blur_selected_cpu_(strided, mask, sigma, 13)
     assert torch.equal(strided, x.transpose(2, 3)) and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, y.transpose(2, 3), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="odd size"):
-        blur_ops.blur_selected_cpu_(x, mask, sigma, 12)
+        blur_kernel.blur_selected_cpu_(x, mask, sigma, 12)
     with pytest.raises(ValueError, match="float32 CPU"):
-        blur_ops.blur_selected_cpu_(x.double(), mask, sigma, 13)
+        blur_kernel.blur_selected_cpu_(x.double(), mask, sigma, 13)
 
 
 def test_result_is_independent_of_batch_composition_and_threads():
     numba = pytest.importorskip("numba")
     x = rand((6, 3, 20, 20), seed=6)
     sigma = 0.1 + 1.9 * rand((6,), seed=7)
-    full = blur_ops.blur_selected_cpu_(x.clone(), torch.ones(6, dtype=torch.bool), sigma, 13)
+    full = blur_kernel.blur_selected_cpu_(x.clone(), torch.ones(6, dtype=torch.bool), sigma, 13)
     for i in range(6):  # each sample alone, with its own sigma: the same bits
-        alone = blur_ops.blur_selected_cpu_(x[i : i + 1].clone(), torch.ones(1, dtype=torch.bool), sigma[i : i + 1], 13)
+        one = torch.ones(1, dtype=torch.bool)
+        alone = blur_kernel.blur_selected_cpu_(x[i : i + 1].clone(), one, sigma[i : i + 1], 13)
         assert torch.equal(alone[0], full[i])
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # the kernel takes torch's thread budget
-        single = blur_ops.blur_selected_cpu_(x.clone(), torch.ones(6, dtype=torch.bool), sigma, 13)
+        single = blur_kernel.blur_selected_cpu_(x.clone(), torch.ones(6, dtype=torch.bool), sigma, 13)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(single, full) and numba.get_num_threads() >= 1
@@ -97,12 +102,12 @@ def test_result_is_independent_of_batch_composition_and_threads():
 
 def test_significant_radius_skips_only_negligible_taps():
     sigma = torch.tensor([0.1, 0.3, 1.0, 2.0])
-    k = ops.gaussian_kernels(sigma, 13)
-    r = blur_ops.significant_radius(k)
+    k = blur_ops.gaussian_kernels(sigma, 13)
+    r = blur_kernel.significant_radius(k)
     assert r.tolist()[-1] == 6 and r.tolist()[0] <= 1 and torch.all(r[:-1] <= r[1:])
     for i in range(4):  # the skipped mass is negligible, the kept outermost tap is not
         skipped = k[i, : 6 - r[i]].sum() * 2
-        assert skipped < 1e-8 and k[i, 6 - r[i]] >= blur_ops.NEGLIGIBLE_TAP * k[i, 6]
+        assert skipped < 1e-8 and k[i, 6 - r[i]] >= blur_kernel.NEGLIGIBLE_TAP * k[i, 6]
 
 
 def test_sigma_distribution_through_device_augment():
@@ -132,17 +137,18 @@ def test_sigma_distribution_through_device_augment():
 @pytest.mark.parametrize("jitter", ["exact", "fused"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_cpu_impl_choice_through_device_augment(layout, jitter):
-    """``ViewConfig.cpu_impl``: "kernel" and "torch" give the same views (whole DINO-like recipe, both input layouts:
-    FFCV delivers channels-last crops); a bad value is a ConfigError naming the key."""
+    """``AugmentConfig.cpu_impl``: "kernel" and "torch" give the same views (whole DINO-like recipe, both input
+    layouts: FFCV delivers channels-last crops); a bad value is a ConfigError naming the key."""
     from runtime.config_loader import ConfigError, from_dict
 
-    view = ViewConfig(size=24, blur_p=0.6, solarize_p=0.3, grayscale_p=0.3, jitter_impl=jitter)
+    view = ViewConfig(size=24, blur_p=0.6, solarize_p=0.3, grayscale_p=0.3)
     g = torch.Generator().manual_seed(9)
     x = torch.randint(0, 256, (16, 3, 24, 24), generator=g, dtype=torch.uint8).contiguous(memory_format=layout)
     batch = Batch([x], torch.zeros(16, dtype=torch.long), torch.arange(16), 1)
-    outs = [DeviceAugment([ViewConfig(**{**view.__dict__, "cpu_impl": impl})], (0.4, 0.5, 0.6), (0.2, 0.3, 0.25),
-                          seed=4, flip=True)(batch).views[0] for impl in ("kernel", "torch")]
+    outs = [DeviceAugment([view], (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), seed=4, flip=True,
+                          impl=AugmentConfig(jitter_impl=jitter, cpu_impl=impl))(batch).views[0]
+            for impl in ("kernel", "torch")]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
-    assert from_dict(ViewConfig, {"cpu_impl": "torch"}).cpu_impl == "torch"
-    with pytest.raises(ConfigError, match="views.0.cpu_impl"):
-        from_dict(ViewConfig, {"cpu_impl": "numba"}, "views.0")
+    assert from_dict(AugmentConfig, {"cpu_impl": "torch"}).cpu_impl == "torch"
+    with pytest.raises(ConfigError, match="augment.cpu_impl"):
+        from_dict(AugmentConfig, {"cpu_impl": "numba"}, "augment")
