@@ -69,6 +69,18 @@ class EvalConfig:
 
 
 @dataclass
+class CheckConfig:
+    """The CI learning check of a recipe (``tests/methods/test_learning.py``, ``python -m benchmarks.learning``):
+    a short run of this recipe on the real-image digits set must stay finite, keep the collapse guard silent and
+    beat the random-init backbone's kNN@20 by ``min_knn_gain`` points (about half the gain measured with exactly
+    these settings). Training ignores this section."""
+
+    epochs: int = bounded(0, ge=0)  # 0 = the recipe has no learning check
+    batch_size: int = bounded(0, ge=0)  # 0 = data.batch_size
+    min_knn_gain: float = bounded(0.0, ge=0)  # kNN@20 top-1 points over the random init
+
+
+@dataclass
 class Config:
     method: str = "dino"
     data: DataConfig = field(default_factory=DataConfig)
@@ -76,6 +88,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     ssl: Any = None  # the selected method's Config dataclass instance
 
 
@@ -168,8 +181,28 @@ def config_from_dict(data: dict) -> Config:
     """Rebuild a Config saved by :func:`config_to_dict` (e.g. from a checkpoint)."""
     from methods import METHODS
 
-    data = dict(data)
+    data = _upgrade_saved(dict(data))
     ssl_raw = data.pop("ssl", {}) or {}
     cfg = from_dict(Config, data)
     cfg.ssl = coerce(METHODS.get_or_raise(cfg.method).Config, ssl_raw, "ssl")
     return cfg
+
+
+def _upgrade_saved(data: dict) -> dict:
+    """A config saved by an older flashssl -> today's keys, so that its checkpoints stay loadable: the device
+    augmentation switches ``jitter_impl`` / ``cpu_impl`` were once set per view and now live in ``data.augment``."""
+    views = (data.get("data") or {}).get("views")
+    if not isinstance(views, list) or not any(isinstance(v, dict) and ("jitter_impl" in v or "cpu_impl" in v)
+                                              for v in views):
+        return data
+    section = dict(data["data"])
+    augment = dict(section.get("augment") or {})
+    section["views"] = []
+    for view in views:
+        view = dict(view)
+        for key in ("jitter_impl", "cpu_impl"):
+            if key in view:
+                augment.setdefault(key, view.pop(key))  # the views of one run shared one value
+        section["views"].append(view)
+    section["augment"] = augment
+    return {**data, "data": section}

@@ -97,3 +97,16 @@ def test_train_cli_reports_config_error_without_traceback(capsys):
     rc = train.main(["--method", "dino", "optim.name=rmsprop"])
     err = capsys.readouterr().err
     assert rc == 2 and "optim.name" in err and "Traceback" not in err
+
+
+def test_config_saved_before_the_augment_section_still_loads():
+    """Checkpoints of older runs hold jitter_impl / cpu_impl inside each view; they load into data.augment."""
+    from engine.config import config_from_dict, config_to_dict
+
+    saved = config_to_dict(load_config("dino"))
+    del saved["data"]["augment"]
+    for view in saved["data"]["views"]:
+        view["jitter_impl"], view["cpu_impl"] = "fused", "torch"
+    cfg = config_from_dict(saved)
+    assert (cfg.data.augment.jitter_impl, cfg.data.augment.cpu_impl) == ("fused", "torch")
+    assert config_to_dict(cfg)["data"]["views"] == config_to_dict(load_config("dino"))["data"]["views"]
