@@ -1,7 +1,7 @@
 """[0] ImageFolder split -> FFCV ``.beton`` and/or DALI webdataset shards: the engine of ``convert_dataset.py``.
 
 Flow: :func:`scan.scan_image_folder` lists the split -> every image is decoded, colour-converted, shrunk and
-JPEG-encoded once in a process pool (:func:`scan.read_and_prepare`) and appended to a temporary spool file
+JPEG-encoded once in a process pool (:func:`prepare.read_and_prepare`) and appended to a temporary spool file
 -> each requested format is written from the spool (``write_ffcv``, ``write_dali``), so
 ``both`` costs one decode/encode pass.
 
@@ -40,16 +40,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipeline.convert.manifest import file_entry, output_state, read_json, remove_stale_temps, verify_output
-from pipeline.convert.scan import (
-    ConvertError,
-    Listing,
-    Prepared,
-    PrepareParams,
-    Skip,
-    SpooledSamples,
-    read_and_prepare,
-    scan_image_folder,
-)
+from pipeline.convert.prepare import Prepared, PrepareParams, read_and_prepare
+from pipeline.convert.scan import ConvertError, Listing, Skip, SpooledSamples, scan_image_folder
 from pipeline.convert.scan_checks import check_writable
 
 FORMAT_VERSION = 1
@@ -324,7 +316,7 @@ def convert(src: str, out: str, format: str = "ffcv", *, file_list: str | None =
         out: output path (``.beton`` for ffcv, a directory for dali, a root directory for both).
         format: 'ffcv' | 'dali' | 'both'.
         file_list, class_index, follow_links: see :func:`scan.scan_image_folder`.
-        max_side, short_side, jpeg_quality, reencode, exif_transpose: see :class:`pipeline.convert.scan.PrepareParams`.
+        max_side, short_side, jpeg_quality, reencode, exif_transpose: see :class:`prepare.PrepareParams`.
         shard_mb: dali shard size in MiB.
         seed: seed of the dali storage permutation.
         workers: processes for decoding/encoding (None or 0 = all cores; 1 = in-process).
