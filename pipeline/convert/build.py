@@ -43,6 +43,7 @@ from pipeline.convert.manifest import file_entry, output_state, read_json, remov
 from pipeline.convert.prepare import Prepared, PrepareParams, read_and_prepare
 from pipeline.convert.scan import ConvertError, Listing, Skip, SpooledSamples, scan_image_folder
 from pipeline.convert.scan_checks import check_writable
+from runtime.atomic import write_text_atomic
 
 FORMAT_VERSION = 1
 FORMATS = ("ffcv", "dali", "both")
@@ -171,11 +172,7 @@ def prepare_all(listing: Listing, params: PrepareParams, spool_path: str, worker
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _classes_json(listing: Listing, samples: SpooledSamples) -> dict:
