@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from runtime.atomic import atomic_path
 from runtime.logging import jsonl_rows
 
 #: (panel title, metric keys drawn in it, log-scale y) in drawing order; a panel without data is skipped
@@ -78,10 +79,8 @@ def new_figure(n_panels: int, width: float = 11.0, row_height: float = 2.6):
 
 def save_figure(fig, path: str, dpi: int = 100) -> str:
     """Write ``fig`` as PNG to ``path`` (temp file + rename: a killed job leaves no truncated image)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     return path
 
 

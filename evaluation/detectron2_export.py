@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from evaluation.resnet_keys import detectron2_name, resnet_structure
+from runtime.atomic import atomic_path
 from runtime.checkpoint import CheckpointError
 
 DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): None, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
@@ -60,15 +61,8 @@ def export_detectron2(checkpoint: str, out: str, which: str = "auto") -> dict:
     depth = resnet_depth(sd, what)
     weights = method.eval_weights if which == "auto" else which
     blob = {"model": model, "__author__": f"flashssl {cfg.method} ({weights})", "matching_heuristics": True}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(blob, f)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        pickle.dump(blob, f)
     return {"out": os.path.abspath(out), "tensors": len(model), "depth": depth, "architecture": cfg.model.backbone,
             "config_hint": f"MODEL.RESNETS.DEPTH {depth}" + (" MODEL.RESNETS.RES2_OUT_CHANNELS 64 (FPN config)"
                                                              if depth in (18, 34) else "")}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from evaluation.load import load_method, method_from_checkpoint
+from runtime.atomic import atomic_path
 
 
 def backbone_tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,14 +48,8 @@ def save_backbone_file(backbone: nn.Module, out: str, meta: dict[str, str]) -> N
     """Atomically write ``backbone``'s state_dict with string ``meta`` as a .safetensors file (temp file + rename)."""
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    try:
+    with atomic_path(out) as tmp:
         save_file(backbone_tensors(backbone), tmp, metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_exported(path: str, num_classes: int = 0, name: str | None = None) -> nn.Module:

@@ -30,6 +30,7 @@ from evaluation.features import FrozenBackbone
 from evaluation.linear import LinearHead, build_probe_optimizer, evaluate, summarize, train_epochs, wrap_ddp
 from evaluation.semi_config import SemiConfig
 from runtime import dist
+from runtime.atomic import write_text_atomic
 from runtime.config_loader import ConfigError
 
 
@@ -210,14 +211,7 @@ def run_semi(args: argparse.Namespace) -> dict:
                num_classes=num_classes, crop=[size, resize], precision=precision, world_size=world,
                seconds=time.perf_counter() - t0)
     if dist.is_main():
-        _write_json_atomic(res, out)
+        write_text_atomic(out, json.dumps(res, indent=2))
     print_linear_summary(res, out)
     return res
 
-
-def _write_json_atomic(res: dict, out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, out)

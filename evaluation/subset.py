@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from evaluation.eval_loaders import EvalSplit
+from runtime.atomic import write_text_atomic
 from runtime.config_loader import ConfigError
 
 
@@ -101,8 +102,4 @@ def subset_names(paths: Sequence[str], indices: Sequence[int]) -> list[str]:
 
 def write_subset(path: str, names: Sequence[str]) -> None:
     """Write ``names`` one per line, atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(f"{n}\n" for n in names)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(f"{n}\n" for n in names))

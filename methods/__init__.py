@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 from methods.base import SSLMethod, StepContext, StepOutput
-from runtime.registry import Registry
-
-METHODS: Registry[type[SSLMethod]] = Registry("method")
-
-
-def register_method(name: str):
-    return METHODS.register(name)
+from methods.registry import METHODS, register_method
 
 
 def build_method(cfg) -> SSLMethod:

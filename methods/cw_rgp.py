@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from losses.cw_rgp import CWRGPLoss, partition_generator
-from methods import register_method
 from methods.base import SSLMethod, StepContext, StepOutput
+from methods.registry import register_method
 from models.backbone import build_backbone, feature_dim
 from models.heads import MLPConfig, build_mlp
 from models.multicrop import forward_multicrop

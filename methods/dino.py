@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 
 from losses.dino import DINOLoss, sinkhorn_teacher_probs, teacher_probs
-from methods import register_method
 from methods.base import SSLMethod, StepContext, StepOutput
+from methods.registry import register_method
 from models.backbone import build_backbone, feature_dim
 from models.ema import make_teacher
 from models.heads import DINOHead

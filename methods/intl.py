@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from losses.intl import INTLLoss
-from methods import register_method
 from methods.base import SSLMethod, StepContext, StepOutput
+from methods.registry import register_method
 from models.backbone import build_backbone, feature_dim
 from models.ema import make_teacher
 from models.heads import MLPConfig, build_mlp

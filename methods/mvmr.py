@@ -22,8 +22,8 @@ import torch
 
 from losses.common import fp32_island
 from losses.mvmr import DCorTarget, MVMRLoss
-from methods import register_method
 from methods.base import SSLMethod, StepContext, StepOutput
+from methods.registry import register_method
 from models.backbone import build_backbone, feature_dim
 from models.frozen_teacher import FrozenTeacher, FrozenTeacherConfig, build_teacher_net
 from models.handcrafted import CODE_SCALE, HandcraftedRepresentations

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from losses.ressl import ReSSLLoss, relation_targets
-from methods import register_method
 from methods.base import SSLMethod, StepContext, StepOutput
+from methods.registry import register_method
 from models.backbone import build_backbone, feature_dim
 from models.ema import make_teacher
 from models.heads import MLPConfig, build_mlp

@@ -21,9 +21,9 @@ import timm
 import torch
 
 from losses.scfs import SCFSShallowLoss
-from methods import register_method
 from methods.base import StepContext, StepOutput
 from methods.dino import DINO, DINOConfig, build_dino_student
+from methods.registry import register_method
 from models.feature_search import searched_targets
 from models.scfs_heads import SCFSNet, stage_indices
 from runtime.config_loader import ConfigError, bounded

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from runtime.atomic import atomic_path
+
 _NAME = re.compile(r"ckpt_step(\d+)\.pt$")
 RUN_MARKER = "run.json"  # the run directory's owner record, see runtime/run_dir.py
 
@@ -48,18 +50,12 @@ def _as_tuple(x):
 
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to ``path`` via a temp file + fsync + rename (atomic on POSIX filesystems)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # the temporary's name ``.<name>.tmp.<pid>`` is what runtime.run_dir's stale-file cleanup matches
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    with atomic_path(path, tmp) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:

@@ -105,16 +105,7 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: invalid value {value!r}; allowed values: {', '.join(repr(a) for a in allowed)}")
         return value
     if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(get_args(tp)):
-            return None
-        errors = []
-        for a in args:
-            try:
-                return coerce(a, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {get_args(tp)}")
+        return _coerce_union(tp, value, key)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -122,21 +113,45 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, key)
     if origin in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)} ({value!r})")
-            return tuple(coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        out = [coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
+        return _coerce_sequence(tp, value, key)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         vt = get_args(tp)[1] if get_args(tp) else Any
         return {str(k): coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_union(tp: Any, value: Any, key: str) -> Any:
+    """``Optional[T]`` / ``A | B``: None where allowed, else the first member type that accepts ``value``."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if value is None and len(args) < len(get_args(tp)):
+        return None
+    errors = []
+    for a in args:
+        try:
+            return coerce(a, value, key)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {get_args(tp)}")
+
+
+def _coerce_sequence(tp: Any, value: Any, key: str) -> list | tuple:
+    """``list[T]``, ``tuple[T, ...]`` and fixed-length ``tuple[A, B]``; items are named ``key[i]`` in errors."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)} ({value!r})")
+        return tuple(coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    item = args[0] if args else Any
+    out = [coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(out) if origin is tuple else out
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    """bool, int, float and str (and ``Any``, which passes ``value`` through); no silent truthiness or rounding."""
     if tp is Any:
         return value
     if tp is bool:

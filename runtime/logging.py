@@ -7,6 +7,7 @@ import os
 import time
 
 from runtime import dist
+from runtime.atomic import atomic_path
 
 
 def log(msg: str) -> None:
@@ -83,10 +84,8 @@ def _truncate_after(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     kept = [line if line.endswith("\n") else line + "\n" for line, row in jsonl_rows(path) if row["step"] <= step]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path, f"{path}.tmp-{os.getpid()}") as tmp, open(tmp, "w") as f:  # name: run_dir's stale cleanup
         f.writelines(kept)
-    os.replace(tmp, path)
 
 
 class Throughput:

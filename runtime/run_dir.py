@@ -33,6 +33,7 @@ from typing import Any
 
 from runtime import checkpoint as ckpt
 from runtime import dist
+from runtime.atomic import atomic_path
 from runtime.config_loader import ConfigError
 from runtime.logging import log as _log
 from runtime.procs import remove_stale
@@ -154,14 +155,11 @@ class RunDir:
         return cls.create(path, checkpoints=names, log=log)
 
     def _write_marker(self) -> None:
-        final = os.path.join(self.path, ckpt.RUN_MARKER)
-        tmp = os.path.join(self.path, f".{ckpt.RUN_MARKER}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
+        try:  # the temporary (.run.json.tmp-<pid>) is the name the stale-file cleanup below matches
+            with atomic_path(os.path.join(self.path, ckpt.RUN_MARKER)) as tmp, open(tmp, "w") as f:
                 json.dump(self.marker, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, final)
         except OSError as e:
             raise _os_error(self.path, e) from None
 

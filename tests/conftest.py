@@ -49,6 +49,15 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture
+def one_torch_thread(_seed_and_threads):
+    """One intra-op thread for a test of many tiny ops (small tensors, kymatio's scattering): extra threads only
+    spin and contend on a shared, oversubscribed CPU. Use with ``pytest.mark.usefixtures("one_torch_thread")``."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(_TORCH_THREADS)
+
+
 def make_image_folder(root, classes=2, per_class=12, size=40, seed=0):
     """A tiny ImageFolder of random-colour JPEGs with a class-dependent pattern (for smoke/resume tests)."""
     import numpy as np

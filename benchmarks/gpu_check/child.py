@@ -12,6 +12,8 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from runtime.atomic import write_text_atomic
+
 if TYPE_CHECKING:
     import torch
 
@@ -95,10 +97,8 @@ class Recorder:
     def flush(self) -> None:
         if not self.path:
             return
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"status": self.status, "note": " ".join(self.notes), "measurements": self.measurements}, f)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps({"status": self.status, "note": " ".join(self.notes),
+                                                 "measurements": self.measurements}))
 
     def attempt(self, what: str, fn: Callable[[], object]) -> object | None:
         """Run ``fn``; on an exception record it and return None (the caller moves on)."""

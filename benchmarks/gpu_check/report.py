@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata, util
 
+from runtime.atomic import write_text_atomic
+
 
 @dataclass
 class StageResult:
@@ -94,15 +96,9 @@ class Report:
     def write(self, out_dir: str) -> None:
         """Atomically (re)write ``report.json`` and ``report.md`` in ``out_dir``."""
         os.makedirs(out_dir, exist_ok=True)
-        _atomic_write(os.path.join(out_dir, "report.json"), json.dumps(self.to_dict(), indent=2))
-        _atomic_write(os.path.join(out_dir, "report.md"), render_markdown(self.to_dict()))
+        write_text_atomic(os.path.join(out_dir, "report.json"), json.dumps(self.to_dict(), indent=2))
+        write_text_atomic(os.path.join(out_dir, "report.md"), render_markdown(self.to_dict()))
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _fmt(value) -> str:

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from engine.config import Config, load_config
+from runtime.atomic import atomic_path
 
 RECIPES = {  # name -> (method, experiment config, local crops or None to keep the config's)
     "dino_rn50": ("dino", "configs/exp/dino_in1k.yaml", 6),
@@ -58,8 +59,8 @@ def _write_one(task: tuple[str, int, int]) -> None:
     path, index, size = task
     rng = np.random.default_rng(index)
     h, w = (int(x) for x in rng.integers(int(size * 0.88), int(size * 1.12) + 1, 2))
-    Image.fromarray(render_texture(rng, h, w)).save(f"{path}.part", format="JPEG", quality=90)
-    os.replace(f"{path}.part", path)  # a killed run leaves no truncated JPEG behind
+    with atomic_path(path) as tmp:  # a killed run leaves no truncated JPEG behind
+        Image.fromarray(render_texture(rng, h, w)).save(tmp, format="JPEG", quality=90)
 
 
 def write_jpegs(folder: str, n: int, size: int = 430, processes: int | None = None, classes: int = 10) -> str:

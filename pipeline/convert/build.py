@@ -1,7 +1,7 @@
 """[0] ImageFolder split -> FFCV ``.beton`` and/or DALI webdataset shards: the engine of ``convert_dataset.py``.
 
 Flow: :func:`scan.scan_image_folder` lists the split -> every image is decoded, colour-converted, shrunk and
-JPEG-encoded once in a process pool (:func:`scan.read_and_prepare`) and appended to a temporary spool file
+JPEG-encoded once in a process pool (:func:`prepare.read_and_prepare`) and appended to a temporary spool file
 -> each requested format is written from the spool (``write_ffcv``, ``write_dali``), so
 ``both`` costs one decode/encode pass.
 
@@ -40,17 +40,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipeline.convert.manifest import file_entry, output_state, read_json, remove_stale_temps, verify_output
-from pipeline.convert.scan import (
-    ConvertError,
-    Listing,
-    Prepared,
-    PrepareParams,
-    Skip,
-    SpooledSamples,
-    read_and_prepare,
-    scan_image_folder,
-)
+from pipeline.convert.prepare import Prepared, PrepareParams, read_and_prepare
+from pipeline.convert.scan import ConvertError, Listing, Skip, SpooledSamples, scan_image_folder
 from pipeline.convert.scan_checks import check_writable
+from runtime.atomic import write_text_atomic
 
 FORMAT_VERSION = 1
 FORMATS = ("ffcv", "dali", "both")
@@ -179,11 +172,7 @@ def prepare_all(listing: Listing, params: PrepareParams, spool_path: str, worker
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _classes_json(listing: Listing, samples: SpooledSamples) -> dict:
@@ -324,7 +313,7 @@ def convert(src: str, out: str, format: str = "ffcv", *, file_list: str | None =
         out: output path (``.beton`` for ffcv, a directory for dali, a root directory for both).
         format: 'ffcv' | 'dali' | 'both'.
         file_list, class_index, follow_links: see :func:`scan.scan_image_folder`.
-        max_side, short_side, jpeg_quality, reencode, exif_transpose: see :class:`pipeline.convert.scan.PrepareParams`.
+        max_side, short_side, jpeg_quality, reencode, exif_transpose: see :class:`prepare.PrepareParams`.
         shard_mb: dali shard size in MiB.
         seed: seed of the dali storage permutation.
         workers: processes for decoding/encoding (None or 0 = all cores; 1 = in-process).

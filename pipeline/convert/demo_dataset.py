@@ -33,6 +33,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from runtime.atomic import write_text_atomic
 from runtime.procs import pid_alive
 
 GENERATOR_VERSION = 3
@@ -291,9 +292,7 @@ def write_image_folder(root: str, doc: dict, generate: Callable[[str], dict[str,
         if os.path.exists(manifest):
             os.remove(manifest)  # from here on a partial swap is detected as "not current"
         _swap_in(root, tmp)
-        with open(manifest + ".tmp", "w") as f:
-            json.dump({**doc, "counts": counts}, f, indent=1)
-        os.replace(manifest + ".tmp", manifest)
+        write_text_atomic(manifest, json.dumps({**doc, "counts": counts}, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"{what}: {counts['train']} train + {counts['val']} val images -> {root} ({time.perf_counter() - t0:.1f} s)")

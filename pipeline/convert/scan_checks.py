@@ -1,7 +1,8 @@
 """[0] Checks of the ImageFolder listing that keep bad names, links and class indices out of a conversion.
 
-Used by :mod:`pipeline.convert.scan`. The name and link checks return the user-facing skip reason (``None`` = fine);
-:func:`load_class_index` raises ValueError with the user-facing message for an unusable ``--class-index``:
+Used by :mod:`pipeline.convert.scan` (which re-exports :class:`ConvertError`, defined here so that both modules can
+raise it). The name and link checks return the user-facing skip reason (``None`` = fine); :func:`load_class_index`
+raises ValueError with the user-facing message for an unusable ``--class-index``:
 
 * names: a file or class folder name that is not valid UTF-8 (Python keeps it as lone surrogates; it cannot be
   written to the UTF-8 sidecars) or that holds a tab / line break (each would split a row of ``samples.tsv``);
@@ -18,6 +19,10 @@ import os
 import tempfile
 
 _TSV_BREAKERS = ("\t", "\n", "\r")
+
+
+class ConvertError(Exception):
+    """A user-facing conversion error (bad arguments, missing/empty input, --strict failures); no traceback."""
 
 
 def printable(name: str) -> str:
@@ -104,8 +109,6 @@ def _few(mapping: dict, values: bool = True, n: int = 5) -> str:
 
 def check_writable(folders: list[str]) -> None:
     """Raise ConvertError unless each folder exists (or can be created) and accepts a new file; names the folder."""
-    from pipeline.convert.scan import ConvertError
-
     for folder in folders:
         probe = folder
         while not os.path.exists(probe):

@@ -8,16 +8,10 @@ same bf16-rounded values in float64, so only fp32 accumulation and the bf16 grad
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+# first: sets TRITON_INTERPRET=1 before triton is imported, or tells that it came too late (see the module)
+from tests.losses import triton_interpret
 
-# The interpreter must be chosen before triton is first imported; if another test already imported it (e.g. via
-# torch._inductor), the Triton cases are re-run in a fresh process instead (test_triton_cases_in_fresh_process).
-_TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not _TRITON_PREIMPORTED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+_TRITON_PREIMPORTED = triton_interpret.PREIMPORTED
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -133,12 +127,7 @@ def test_switch_env_override(monkeypatch):
 
 @pytest.mark.skipif(not kernels.has_triton() or not _TRITON_PREIMPORTED, reason="Triton cases ran in this process")
 def test_triton_cases_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "triton or dispatch"], env=env, cwd=Path(__file__).resolve().parents[2],
-                         capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-2000:]
+    triton_interpret.rerun_triton_cases(__file__)
 
 
 def _large_small_case():

@@ -11,16 +11,9 @@ from methods import StepContext, build_method
 from optim.schedules import ema_momentum
 from runtime.config_loader import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny convolutions: extra threads only contend
+
 VIEW = "{role: global, size: 32, blur_p: 0.0}"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions: extra intra-op threads only add contention on a shared 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _intl_cfg(*extra: str):

@@ -16,6 +16,8 @@ from engine.config import load_config
 from methods import StepContext, build_method
 from tests.dist_helpers import run_distributed
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # kymatio's many tiny ops crawl on spinning threads
+
 B = 4  # per rank
 CTX = StepContext(step=5, epoch=0, steps_per_epoch=10, total_steps=100)
 OVERRIDES = [
@@ -48,14 +50,6 @@ def _worker(rank, world_size, tmpdir):
     ddp = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
     shard = [v[rank * B:(rank + 1) * B] for v in _views(world_size * B)]
     return _step(ddp, method, shard)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # kymatio's many tiny ops crawl when OpenMP threads spin on a shared CPU
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.dist

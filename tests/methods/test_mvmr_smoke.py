@@ -13,19 +13,13 @@ from methods import StepContext, build_method
 from optim.build import apply_schedules, build_optimizer
 from runtime.config_loader import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # kymatio's many tiny ops crawl on spinning threads
+
 VIEWS = ("data.views=[{role: global, size: 32, scale: [1.0, 1.0], ratio: [1.0, 1.0], flip_p: 0.0, jitter_p: 0.0, "
          "grayscale_p: 0.0}, {role: global, size: 32, scale: [0.2, 1.0]}]")
 TINY = ["model.backbone=resnet18", "ssl.proj_hidden_dim=64", "ssl.proj_out_dim=48", "data.batch_size=4",
         "model.precision=fp32", VIEWS]
 CTX = StepContext(step=3, epoch=0, steps_per_epoch=10, total_steps=100)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # kymatio's many tiny ops crawl when OpenMP threads spin on a shared CPU
-    yield
-    torch.set_num_threads(n)
 
 
 def _views(b=4, size=32, seed=0):

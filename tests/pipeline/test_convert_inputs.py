@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.convert.scan as scan
+import pipeline.convert.prepare as prepare
 from convert_dataset import main
 from pipeline.convert.build import convert
 from pipeline.convert.scan import ConvertError
@@ -56,7 +56,7 @@ def test_permission_denied_is_reported(bad_tree, tmp_path, monkeypatch):
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(path, *a, **k)
 
-        monkeypatch.setattr(scan, "open", fake_open, raising=False)
+        monkeypatch.setattr(prepare, "open", fake_open, raising=False)
     s = convert(str(bad_tree.root), str(tmp_path / "p.beton"), "ffcv", workers=1, progress=False)
     assert any(k.path == "a/ok.jpg" and "unreadable: Permission denied" in k.reason for k in s.skips)
 
