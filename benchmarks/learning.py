@@ -118,9 +118,10 @@ def run_learning(cfg: Config, recipe: str) -> LearningResult:
     trained = knn_of_backbone(trainer.method.backbone_for_eval("auto"), cfg, cfg.eval.train_dir, cfg.eval.val_dir,
                               trainer.device)["k20"]["top1"]
     ranks = [h["feat_rank"] for h in state.history if "feat_rank" in h]
-    return LearningResult(cfg.method, recipe, state.step, trainer.total_steps, trained, rand, ranks[-1] if ranks else float("nan"),
-                          float(losses[-1]) if len(losses) else float("nan"), tuple(sorted(trainer.guard.reported)),
-                          finite, seconds)
+    nan = float("nan")
+    return LearningResult(cfg.method, recipe, state.step, trainer.total_steps, trained, rand,
+                          ranks[-1] if ranks else nan, float(losses[-1]) if len(losses) else nan,
+                          tuple(sorted(trainer.guard.reported)), finite, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,9 +75,10 @@ def ensure_digits_dataset(root: str = "data/digits", *, size: int = DEFAULTS["si
     if placement not in PLACEMENTS:
         raise ValueError(f"digits dataset: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     doc = {"generator": "sklearn load_digits", "version": GENERATOR_VERSION,
-           "params": {"size": size, "val_every": val_every, "placement": placement, "seed": seed}, "classes": [str(c) for c in range(10)]}
-    return write_image_folder(root, doc, lambda tmp: _generate(tmp, size, val_every, placement, seed), force=force, log=log,
-                              what=f"digits dataset: {size} px, {placement} placement")
+           "params": {"size": size, "val_every": val_every, "placement": placement, "seed": seed},
+           "classes": [str(c) for c in range(10)]}
+    return write_image_folder(root, doc, lambda tmp: _generate(tmp, size, val_every, placement, seed), force=force,
+                              log=log, what=f"digits dataset: {size} px, {placement} placement")
 
 
 def main(argv: list[str] | None = None) -> int:
