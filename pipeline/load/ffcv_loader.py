@@ -20,7 +20,6 @@ next batch is requested (``clone()`` what you keep); on CUDA they are copied non
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import time
@@ -32,6 +31,7 @@ import torch
 
 from pipeline.batch import Batch
 from pipeline.config import DataConfig
+from pipeline.load.order import batches_per_rank, quasi_random_order, shard_indices
 from runtime.config_loader import ConfigError
 
 _JOIN_TIMEOUT_S = 60.0
@@ -94,28 +94,6 @@ def corrupt_jpeg_samples(reader) -> np.ndarray:
     return jpg[~ok].astype(np.int64)
 
 
-def batches_per_rank(n: int, batch_size: int, world_size: int) -> int:
-    """Full batches per rank and epoch (drop_last); ConfigError if not even one global batch fits."""
-    batches = n // (batch_size * world_size)
-    if batches == 0:
-        raise ConfigError(f"data.batch_size: {batch_size} x {world_size} rank(s) is larger than the dataset ({n} "
-                          "images); lower data.batch_size")
-    return batches
-
-
-def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's sample order for ``epoch``: (batches_per_rank * batch_size,) int64 dataset indices.
-
-    A (seed, epoch)-seeded permutation of all ``n`` samples, cut to whole global batches, dealt to ranks
-    round-robin (rank r takes positions r, r + world_size, ...). Same formula as the torchvision loader's
-    ``EpochSampler``, so all loaders visit a dataset in the same order.
-    """
-    batches = batches_per_rank(n, batch_size, world_size)
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    perm = torch.randperm(n, generator=g)[: batches * batch_size * world_size]
-    return perm[rank::world_size].numpy().astype(np.int64)
-
-
 def _make_order(seed: int, batch_size: int, rank: int, world_size: int, quasi: bool):
     """An FFCV TraversalOrder (instance, bound to the loader when FFCV calls it) - see the module docstring."""
     from ffcv.traversal_order.base import TraversalOrder
@@ -133,8 +111,8 @@ def _make_order(seed: int, batch_size: int, rank: int, world_size: int, quasi: b
 
         def sample_order(self, epoch: int) -> np.ndarray:
             if quasi:
-                order = _quasi_random_order(self.sample_page, seed, epoch, batch_size, rank, world_size,
-                                            self.batches)
+                order = quasi_random_order(self.sample_page, seed, epoch, batch_size, rank, world_size,
+                                           self.batches)
             else:
                 order = shard_indices(len(self.indices), batch_size, seed, epoch, rank, world_size)
             return self.indices[order[self.start * batch_size:]]
@@ -148,24 +126,6 @@ def _first_page_of_samples(memory_manager, n: int) -> np.ndarray:
     for sid, pages in memory_manager.sample_to_pages.items():
         page[int(sid)] = min(int(p) for p in pages)
     return page
-
-
-def _quasi_random_order(sample_page: np.ndarray, seed: int, epoch: int, batch_size: int, rank: int,
-                        world_size: int, batches: int) -> np.ndarray:
-    """Page-local shuffle: random page order, samples shuffled within windows of pages, batches dealt to ranks.
-
-    A window spans enough pages for >= 8 global batches, which keeps class mixing per batch close to a full
-    shuffle on class-sorted files while reading the file in large sequential-ish chunks.
-    """
-    rng = np.random.default_rng([seed, epoch, 0x51])
-    pages, inverse = np.unique(sample_page, return_inverse=True)
-    page_rank = rng.permutation(len(pages))[inverse]  # position of each sample's page in the random page order
-    per_page = len(sample_page) / len(pages)
-    window = max(1, math.ceil(8 * batch_size * world_size / per_page))
-    # sort by (window of the page, random key): pages of one window are mixed together
-    order = np.lexsort((rng.random(len(sample_page)), page_rank // window))
-    glob = order[: batches * batch_size * world_size].reshape(batches * world_size, batch_size)
-    return glob[rank::world_size].reshape(-1)
 
 
 class FFCVLoader:
