@@ -34,11 +34,10 @@ def save_tiny_checkpoint(path: str, method: str = "dino", overrides: list[str] |
 
 def write_beton(folder: str, out: str) -> str:
     """An ImageFolder written with ffcv's stock writer (fields image: RGBImageField jpg, label: IntField)."""
+    from pipeline.load.ffcv_compat import run_ffcv_writer  # noqa: I001  (first: checks ffcv, keeps threads)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from torchvision.datasets import ImageFolder
-
-    from pipeline.convert.write_ffcv import run_ffcv_writer
 
     ds = ImageFolder(folder)
 

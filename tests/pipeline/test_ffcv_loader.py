@@ -272,12 +272,12 @@ def test_resize_kernel_is_opencv_inter_area():
     """The docstrings promise INTER_AREA (antialiased when shrinking); check FFCV's C resize really is that."""
     import cv2
 
-    from pipeline.load.ffcv_decode import _resize_c
+    from pipeline.load.ffcv_compat import resize_c
 
     img = np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8)
     for s in (40, 200):  # shrink and enlarge
         out = np.zeros((s, s, 3), np.uint8)
-        _resize_c(0, img.ctypes.data, 100, 120, 10, 90, 5, 105, out.ctypes.data, s, s)
+        resize_c(0, img.ctypes.data, 100, 120, 10, 90, 5, 105, out.ctypes.data, s, s)
         assert np.array_equal(out, cv2.resize(img[10:90, 5:105], (s, s), interpolation=cv2.INTER_AREA))
 
 
