@@ -106,7 +106,7 @@ class FolderSplit(EvalSplit):
 
 class BetonSplit(EvalSplit):
     def __init__(self, path: str, size: int, resize: int, workers: int, what: str):
-        import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+        from pipeline.load.ffcv_compat import field_metadata  # noqa: I001  (first: checks ffcv, keeps threads)
         from ffcv.reader import Reader
 
         from pipeline.load.ffcv_loader import check_beton
@@ -115,33 +115,28 @@ class BetonSplit(EvalSplit):
             check_beton(path)
         except ConfigError as e:  # re-label: check_beton names data.train_path
             raise ConfigError(str(e).replace("data.train_path", what, 1)) from None
-        reader = Reader(path)
-        label_field = f"f{list(reader.handlers).index('label')}"
         self.path, self.size, self.resize, self.workers = path, size, resize, workers
-        self.labels = np.asarray(reader.metadata[label_field], dtype=np.int64).reshape(-1)
+        self.labels = np.asarray(field_metadata(Reader(path), "label"), dtype=np.int64).reshape(-1)
         self.classes = _beton_class_names(path, self.labels)
 
     def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from pipeline.load.ffcv_compat import torch_threads_kept  # noqa: I001  (first: checks ffcv, keeps threads)
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
 
         if len(indices) == 0:
             return
-        threads = torch.get_num_threads()
         decoder = CenterCropRGBImageDecoder((self.size, self.size), self.size / self.resize)
-        loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, self.workers), os_cache=True,
-                        order=OrderOption.SEQUENTIAL, indices=np.asarray(indices, dtype=np.int64), drop_last=False,
-                        pipelines={"image": [decoder], "label": [IntDecoder()]})
-        torch.set_num_threads(threads)  # ffcv resizes torch's intra-op pool to num_workers
-        try:
+        with torch_threads_kept():  # ffcv resizes torch's intra-op pool to num_workers, here and at iter()
+            loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, self.workers), os_cache=True,
+                            order=OrderOption.SEQUENTIAL, indices=np.asarray(indices, dtype=np.int64),
+                            drop_last=False, pipelines={"image": [decoder], "label": [IntDecoder()]})
             for images, labels in loader:
                 # FFCV reuses its output buffers for later batches: copy, so a caller may keep batches (the kNN bank
                 # collects every batch's labels; views of the buffers gave it later batches' labels)
                 yield (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                        torch.from_numpy(labels.reshape(-1).copy()))
-        finally:
-            torch.set_num_threads(threads)
 
 
 def _beton_class_names(path: str, labels: np.ndarray) -> list[str] | None:

@@ -217,7 +217,7 @@ def test_val_split_missing_a_class_warns(tmp_path):
 
 
 def _zeroed_beton(tmp_path: Path) -> str:
-    import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+    import pipeline.load.ffcv_compat  # noqa: F401, I001  (first: checks ffcv's version, keeps torch's threads)
     from ffcv.reader import Reader
 
     out = tmp_path / "z.beton"
@@ -232,7 +232,7 @@ def _zeroed_beton(tmp_path: Path) -> str:
 
 
 def test_zeroed_beton_is_refused_before_the_first_step(tmp_path):
-    import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+    import pipeline.load.ffcv_compat  # noqa: F401, I001  (first: checks ffcv's version, keeps torch's threads)
     from ffcv.reader import Reader
     from pipeline.load.ffcv_loader import corrupt_jpeg_samples
 

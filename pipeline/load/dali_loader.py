@@ -9,7 +9,7 @@ decode and GPU crops; ``"cpu"``: the same operators, so the CPU tests cover the 
                                            +-> ...                                              -> output V-1
 
 * Input: the shards of ``convert_dataset.py --format dali``; an ``external_source`` slices the memory-mapped tars in
-  the order of :func:`pipeline.load.ffcv_loader.shard_indices`, because ``fn.readers.webdataset`` shuffles with a
+  the order of :func:`pipeline.load.order.shard_indices`, because ``fn.readers.webdataset`` shuffles with a
   streaming buffer and gives ranks unequal shards, and the interface needs an order that depends only on
   (seed, epoch), equal batch counts per rank and a restart at batch ``start``.
 * Decode once, crop V times: cheaper than one ROI decode per view (``docs/performance.md``).
@@ -31,7 +31,7 @@ import torch
 
 from pipeline.batch import Batch
 from pipeline.config import DataConfig, ViewConfig
-from pipeline.load.ffcv_loader import batches_per_rank, shard_indices
+from pipeline.load.order import batches_per_rank, shard_indices
 from runtime.config_loader import ConfigError
 from runtime.seeding import Stream, derive_seed
 

@@ -16,17 +16,14 @@ so crops do not depend on threads, batches, workers or ranks. The (seed, epoch) 
 through a raw pointer at every batch, because FFCV freezes closure constants when it compiles.
 """
 
-from __future__ import annotations  # noqa: I001  (pipeline.load.ffcv_import must precede the ffcv imports)
+from __future__ import annotations  # noqa: I001  (pipeline.load.ffcv_compat must precede the ffcv imports)
 
-import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
-import pipeline.load.ffcv_import  # noqa: F401  (before ffcv: keeps torch's threads)
-from ffcv import _libffcv
-from ffcv.fields.rgb_image import IMAGE_MODES
+from pipeline.load.ffcv_compat import JPG_MODE, imdecode_c, memcpy_c, resize_c  # first: checks ffcv, keeps threads
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -37,24 +34,6 @@ from numba.experimental import jitclass
 from pipeline.load.crops import sample_rrc_nb
 from runtime.seeding import Stream, derive_seed
 
-_LIB = ctypes.CDLL(_libffcv.__file__)
-_memcpy_c = _LIB.my_memcpy  # (source, destination, n_bytes); callable from numba and from Python
-_memcpy_c.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
-_memcpy_c.restype = None
-# Called directly as ctypes functions (numba compiles ctypes calls natively); FFCV's Python wrappers would need a
-# numba dispatcher each, and calling one dispatcher with literal arguments from a second loader's code trips a
-# numba overload-bookkeeping KeyError.
-# imdecode (libjpeg-turbo): (src, src_size, h, w, dst, crop_h, crop_w, off_x, off_y, scale_num, scale_den, crop, flip)
-_imdecode_c = _LIB.imdecode
-_imdecode_c.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
-                        ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
-                        ctypes.c_uint32, ctypes.c_bool, ctypes.c_bool]
-_imdecode_c.restype = ctypes.c_int
-_resize_c = _LIB.resize  # OpenCV INTER_AREA: (0, src, src_h, src_w, row0, row1, col0, col1, dst, dst_h, dst_w)
-_resize_c.argtypes = [ctypes.c_int64] * 11
-_resize_c.restype = None
-
-_JPG = IMAGE_MODES["jpg"]
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _VIEW_STEP = np.uint64(0xD1B54A32D192ED03)
 
@@ -166,7 +145,7 @@ class MultiCropDecoder(Operation):
         process-wide parallel kernel :func:`decode_multicrop` (compiled once per process, whatever the loader)."""
         mem_read = self.memory_read
         kernel = decode_multicrop if Compiler.is_enabled else decode_multicrop.py_func
-        memcpy_c = _memcpy_c
+        memcpy = memcpy_c  # a closure constant of the compiled glue
         sizes, scales, ratios, flip_ps, offsets = self.sizes, self.scales, self.ratios, self.flip_ps, self.offsets
         key_addr = self.key_block.ctypes.data
 
@@ -182,7 +161,7 @@ class MultiCropDecoder(Operation):
                 addrs[k], nbytes[k] = data.ctypes.data, data.size
                 modes[k], heights[k], widths[k] = field["mode"], field["height"], field["width"]
             ekey = np.zeros(1, dtype=np.uint64)
-            memcpy_c(key_addr, ekey.ctypes.data, 8)
+            memcpy(key_addr, ekey.ctypes.data, 8)
             kernel(addrs, nbytes, modes, heights, widths, batch_indices, destination, temp_storage,
                    ekey[0], sizes, scales, ratios, flip_ps, offsets)
             return destination
@@ -216,10 +195,10 @@ def decode_multicrop(addrs, nbytes, modes, heights, widths, sample_ids, destinat
         height, width = int(heights[k]), int(widths[k])  # int(): Python ints for ctypes when the JIT is off
         src = int(addrs[k])
         status = 0
-        if modes[k] == _JPG:
+        if modes[k] == JPG_MODE:
             temp = temp_storage[k]
-            res = _imdecode_c(src, int(nbytes[k]), height, width, temp.ctypes.data, height, width, 0, 0, 1, 1,
-                              False, False)
+            res = imdecode_c(src, int(nbytes[k]), height, width, temp.ctypes.data, height, width, 0, 0, 1, 1,
+                             False, False)
             status = 1 if res < 0 else 0
             src = temp.ctypes.data
         flat[count * total + k] = status
@@ -230,7 +209,7 @@ def decode_multicrop(addrs, nbytes, modes, heights, widths, sample_ids, destinat
             s = sizes[v]
             start = count * offsets[v] + k * 3 * s * s
             out = flat[start: start + 3 * s * s].reshape(s, s, 3)
-            _resize_c(0, src, height, width, top, top + ch, left, left + cw, out.ctypes.data, int(s), int(s))
+            resize_c(0, src, height, width, top, top + ch, left, left + cw, out.ctypes.data, int(s), int(s))
             if rng.random() < flip_ps[v]:
                 hflip_inplace(out)
 

@@ -20,10 +20,7 @@ next batch is requested (``clone()`` what you keep); on CUDA they are copied non
 
 from __future__ import annotations
 
-import math
 import os
-import queue
-import time
 from collections.abc import Iterator, Sequence
 
 import numba
@@ -32,6 +29,7 @@ import torch
 
 from pipeline.batch import Batch
 from pipeline.config import DataConfig
+from pipeline.load.order import batches_per_rank, quasi_random_order, shard_indices
 from runtime.config_loader import ConfigError
 
 _JOIN_TIMEOUT_S = 60.0
@@ -39,7 +37,7 @@ _JOIN_TIMEOUT_S = 60.0
 
 def check_beton(path: str) -> None:
     """Raise ConfigError unless ``path`` is a readable ``.beton`` with ``image`` (RGBImageField) and ``label``."""
-    import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+    import pipeline.load.ffcv_compat  # noqa: F401, I001  (first: checks ffcv's version, keeps torch's threads)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
@@ -77,8 +75,9 @@ def corrupt_jpeg_samples(reader) -> np.ndarray:
 
     Reads 3 bytes per sample through a memory map, so it costs one page read per sample (not a decode); damage
     strictly inside one image's entropy-coded data is caught later by the loader's decode status."""
-    field = f"f{list(reader.handlers).index('image')}"
-    meta = reader.metadata[field]
+    from pipeline.load.ffcv_compat import field_metadata
+
+    meta = field_metadata(reader, "image")
     jpg = np.flatnonzero(meta["mode"] == 0)  # RGBImageField: mode 0 = JPEG, 1 = raw pixels
     ptr = meta["data_ptr"][jpg].astype(np.int64)
     alloc = reader.alloc_table
@@ -94,78 +93,30 @@ def corrupt_jpeg_samples(reader) -> np.ndarray:
     return jpg[~ok].astype(np.int64)
 
 
-def batches_per_rank(n: int, batch_size: int, world_size: int) -> int:
-    """Full batches per rank and epoch (drop_last); ConfigError if not even one global batch fits."""
-    batches = n // (batch_size * world_size)
-    if batches == 0:
-        raise ConfigError(f"data.batch_size: {batch_size} x {world_size} rank(s) is larger than the dataset ({n} "
-                          "images); lower data.batch_size")
-    return batches
+class _ShardedOrder:
+    """This rank's order over the loader's samples (:mod:`pipeline.load.order`), resumable at batch ``start``."""
 
+    def __init__(self, seed: int, batch_size: int, rank: int, world_size: int, quasi: bool):
+        self.seed, self.batch_size, self.rank, self.world_size, self.quasi = seed, batch_size, rank, world_size, quasi
+        self.start, self.batches, self.n = 0, 0, 0
+        self.sample_page: np.ndarray | None = None
 
-def shard_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's sample order for ``epoch``: (batches_per_rank * batch_size,) int64 dataset indices.
+    def bind(self, loader, indices: np.ndarray) -> None:
+        """Called by FFCV when the Loader is built, with the (n,) sample ids it reads."""
+        from pipeline.load.ffcv_compat import first_page_of_samples
 
-    A (seed, epoch)-seeded permutation of all ``n`` samples, cut to whole global batches, dealt to ranks
-    round-robin (rank r takes positions r, r + world_size, ...). Same formula as the torchvision loader's
-    ``EpochSampler``, so all loaders visit a dataset in the same order.
-    """
-    batches = batches_per_rank(n, batch_size, world_size)
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    perm = torch.randperm(n, generator=g)[: batches * batch_size * world_size]
-    return perm[rank::world_size].numpy().astype(np.int64)
+        self.n = len(indices)
+        self.batches = batches_per_rank(self.n, self.batch_size, self.world_size)
+        self.sample_page = first_page_of_samples(loader, self.n) if self.quasi else None
 
-
-def _make_order(seed: int, batch_size: int, rank: int, world_size: int, quasi: bool):
-    """An FFCV TraversalOrder (instance, bound to the loader when FFCV calls it) - see the module docstring."""
-    from ffcv.traversal_order.base import TraversalOrder
-
-    class ShardedOrder(TraversalOrder):
-        def __init__(self) -> None:  # deliberately not TraversalOrder.__init__: FFCV binds the loader via __call__
-            self.start = 0
-
-        def __call__(self, loader) -> ShardedOrder:
-            super().__init__(loader)
-            n = len(self.indices)
-            self.batches = batches_per_rank(n, batch_size, world_size)
-            self.sample_page = _first_page_of_samples(loader.memory_manager, n) if quasi else None
-            return self
-
-        def sample_order(self, epoch: int) -> np.ndarray:
-            if quasi:
-                order = _quasi_random_order(self.sample_page, seed, epoch, batch_size, rank, world_size,
-                                            self.batches)
-            else:
-                order = shard_indices(len(self.indices), batch_size, seed, epoch, rank, world_size)
-            return self.indices[order[self.start * batch_size:]]
-
-    return ShardedOrder()
-
-
-def _first_page_of_samples(memory_manager, n: int) -> np.ndarray:
-    """(n,) int64: the first file page holding each sample's data."""
-    page = np.full(n, -1, dtype=np.int64)
-    for sid, pages in memory_manager.sample_to_pages.items():
-        page[int(sid)] = min(int(p) for p in pages)
-    return page
-
-
-def _quasi_random_order(sample_page: np.ndarray, seed: int, epoch: int, batch_size: int, rank: int,
-                        world_size: int, batches: int) -> np.ndarray:
-    """Page-local shuffle: random page order, samples shuffled within windows of pages, batches dealt to ranks.
-
-    A window spans enough pages for >= 8 global batches, which keeps class mixing per batch close to a full
-    shuffle on class-sorted files while reading the file in large sequential-ish chunks.
-    """
-    rng = np.random.default_rng([seed, epoch, 0x51])
-    pages, inverse = np.unique(sample_page, return_inverse=True)
-    page_rank = rng.permutation(len(pages))[inverse]  # position of each sample's page in the random page order
-    per_page = len(sample_page) / len(pages)
-    window = max(1, math.ceil(8 * batch_size * world_size / per_page))
-    # sort by (window of the page, random key): pages of one window are mixed together
-    order = np.lexsort((rng.random(len(sample_page)), page_rank // window))
-    glob = order[: batches * batch_size * world_size].reshape(batches * world_size, batch_size)
-    return glob[rank::world_size].reshape(-1)
+    def sample_order(self, epoch: int) -> np.ndarray:
+        """(len(self) - start) * batch_size positions into the loader's sample ids."""
+        if self.quasi:
+            order = quasi_random_order(self.sample_page, self.seed, epoch, self.batch_size, self.rank,
+                                       self.world_size, self.batches)
+        else:
+            order = shard_indices(self.n, self.batch_size, self.seed, epoch, self.rank, self.world_size)
+        return order[self.start * self.batch_size:]
 
 
 class FFCVLoader:
@@ -174,7 +125,7 @@ class FFCVLoader:
     def __init__(self, path: str, data_cfg: DataConfig, *, seed: int, rank: int, world_size: int,
                  device: torch.device, flip: bool = True, batches_ahead: int = 3,
                  indices: Sequence[int] | None = None) -> None:
-        import pipeline.load.ffcv_import  # noqa: F401, I001  (before ffcv: keeps torch's threads)
+        from pipeline.load import ffcv_compat  # noqa: I001  (first: checks ffcv's version, keeps torch's threads)
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
@@ -189,100 +140,56 @@ class FFCVLoader:
         self.sizes = [v.size for v in views]
         self.decoder = MultiCropDecoder(self.sizes, [v.scale for v in views], [v.ratio for v in views],
                                         [v.flip_p if flip else 0.0 for v in views])
-        self.order = _make_order(seed, data_cfg.batch_size, rank, world_size, data_cfg.order == "quasi_random")
+        self.order = _ShardedOrder(seed, data_cfg.batch_size, rank, world_size, data_cfg.order == "quasi_random")
         threads = min(max(1, data_cfg.workers), numba.config.NUMBA_NUM_THREADS)
-        torch_threads = torch.get_num_threads()
-        self.loader = Loader(
-            path, batch_size=data_cfg.batch_size, num_workers=threads, os_cache=data_cfg.os_cache,
-            order=self.order, distributed=False, seed=seed, drop_last=True, batches_ahead=batches_ahead,
-            indices=None if indices is None else np.asarray(indices, dtype=np.int64),
-            pipelines={"image": PipelineSpec("image", decoder=self.decoder),
-                       "label": PipelineSpec("label", decoder=IntDecoder()),
-                       "index": PipelineSpec("label", decoder=IndexDecoder())},
-        )
-        torch.set_num_threads(torch_threads)  # FFCV's Compiler.set_num_threads also resized torch's pool
+        with ffcv_compat.torch_threads_kept():
+            self.loader = Loader(
+                path, batch_size=data_cfg.batch_size, num_workers=threads, os_cache=data_cfg.os_cache,
+                order=ffcv_compat.traversal_order(self.order.bind, self.order.sample_order), distributed=False,
+                seed=seed, drop_last=True, batches_ahead=batches_ahead,
+                indices=None if indices is None else np.asarray(indices, dtype=np.int64),
+                pipelines={"image": PipelineSpec("image", decoder=self.decoder),
+                           "label": PipelineSpec("label", decoder=IntDecoder()),
+                           "index": PipelineSpec("label", decoder=IndexDecoder())},
+            )
         self._active = None
-        self._reuse_buffers()
-
-    def _reuse_buffers(self) -> None:
-        """Allocate FFCV's batch buffers once, not at every epoch: a fresh allocation of (batches_ahead + 2)
-        batches of all crops (~0.7 MB per image for DINO) is page-faulted in again each epoch. Safe because an
-        epoch's iterator is always closed before the next one starts (see :meth:`epoch_iter`)."""
-        graph, cache = self.loader.graph, {}
-        allocate = graph.allocate_memory
-
-        def allocate_once(batch_size: int, batches_ahead: int):
-            if (batch_size, batches_ahead) not in cache:
-                cache[(batch_size, batches_ahead)] = allocate(batch_size, batches_ahead)
-            return cache[(batch_size, batches_ahead)]
-
-        graph.allocate_memory = allocate_once
+        # the batch buffers of all crops (~0.7 MB per image for DINO) are allocated once, not every epoch: safe
+        # because an epoch's iterator is always stopped before the next one starts (see :meth:`epoch_iter`)
+        ffcv_compat.reuse_batch_buffers(self.loader)
 
     def __len__(self) -> int:
         return self.order.batches
 
     def close(self) -> None:
         """Stop the background thread of an unfinished epoch (called automatically by the next ``epoch_iter``)."""
+        from pipeline.load.ffcv_compat import stop_epoch
+
         it, self._active = self._active, None
-        if it is None:
-            return
-        it.close()
-        deadline = time.monotonic() + _JOIN_TIMEOUT_S
-        while it.is_alive() and time.monotonic() < deadline:
-            try:  # drain: at the end of an epoch FFCV's thread does a blocking put() of its end marker
-                it.output_queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
+        if it is not None:
+            stop_epoch(it, _JOIN_TIMEOUT_S)
 
     def epoch_iter(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches ``start, start+1, ..., len(self)-1`` of ``epoch`` for this rank (decoding starts immediately)."""
         if not 0 <= start <= len(self):
             raise ValueError(f"epoch_iter: start must be in [0, {len(self)}], got {start}")
         self.close()  # an unfinished previous epoch must not decode with the new epoch's key
+        from pipeline.load.ffcv_compat import start_epoch
+
         self.order.start = start
-        self.loader.next_epoch = epoch
         self.decoder.set_epoch(self.seed, epoch)
-        torch_threads = torch.get_num_threads()
-        self._active = iter(self.loader)
-        torch.set_num_threads(torch_threads)
+        self._active = start_epoch(self.loader, epoch)
         return self._batches(self._active)
 
     def _batches(self, it) -> Iterator[Batch]:
-        while (result := _next_result(it)) is not None:
+        from pipeline.load.ffcv_compat import next_batch
+
+        while (result := next_batch(it)) is not None:
             images, labels, indices = result
             views, status = split_views_checked(images, self.sizes, indices, self.path)
             # labels/indices are copied (a few bytes); the views alias FFCV's ring buffer (see module docstring)
             batch = Batch(views=views, labels=torch.from_numpy(labels.reshape(-1).copy()),
                           indices=torch.from_numpy(indices.reshape(-1).copy()), n_global=self.n_global)
             yield batch.to(self.device) if self.device.type != "cpu" else batch
-
-
-def _next_result(it):
-    """``EpochIterator.__next__`` that fails loudly instead of blocking forever when FFCV's thread dies.
-
-    Returns the tuple of pipeline outputs, or None at the end of the epoch.
-    """
-    from ffcv.loader.epoch_iterator import IS_CUDA
-
-    while True:
-        try:
-            item = it.output_queue.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if not it.is_alive():
-                try:
-                    item = it.output_queue.get_nowait()  # the thread may have finished between the two checks
-                    break
-                except queue.Empty:
-                    raise RuntimeError("FFCV's decoding thread stopped before the end of the epoch (its traceback "
-                                       "is printed above)") from None
-    if item is None:
-        it.close()
-        return None
-    slot, result = item
-    if IS_CUDA:  # the batch was produced on a side stream (same as EpochIterator.__next__)
-        it.current_stream.wait_stream(it.cuda_streams[slot])
-    return result
 
 
 def split_views_checked(images: np.ndarray, sizes: list[int], indices: np.ndarray, path: str):

@@ -22,6 +22,7 @@ from torchvision.datasets import ImageFolder
 
 from pipeline.batch import Batch
 from pipeline.config import DataConfig
+from pipeline.load.order import batches_per_rank, shard_indices
 from pipeline.load.pil_transforms import build_pil_view_transform
 from runtime.config_loader import ConfigError
 from runtime.seeding import Stream, derive_seed
@@ -68,18 +69,13 @@ class EpochSampler(Sampler):
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world_size
         self.epoch, self.start = 0, 0
-        self.batches = n // (batch_size * world_size)
-        if self.batches == 0:
-            raise ConfigError(f"data.batch_size: {batch_size} x {world_size} rank(s) is larger than the dataset "
-                              f"({n} images); lower data.batch_size")
+        self.batches = batches_per_rank(n, batch_size, world_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def indices(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        perm = torch.randperm(self.n, generator=g)[: self.batches * self.batch_size * self.world]
-        return perm[self.rank :: self.world].tolist()
+        return shard_indices(self.n, self.batch_size, self.seed, epoch, self.rank, self.world).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for i in self.indices(self.epoch)[self.start * self.batch_size :]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from evaluation.eval_loaders import EvalSplit
 from pipeline.batch import Batch
+from pipeline.load.order import shard_indices
 from tests.conftest import TINY_OVERRIDES
 
 EVAL_OVERRIDES = [*TINY_OVERRIDES, "data.eval_size=32", "eval.batch_size=16"]
@@ -33,11 +34,10 @@ def save_tiny_checkpoint(path: str, method: str = "dino", overrides: list[str] |
 
 def write_beton(folder: str, out: str) -> str:
     """An ImageFolder written with ffcv's stock writer (fields image: RGBImageField jpg, label: IntField)."""
+    from pipeline.load.ffcv_compat import run_ffcv_writer  # noqa: I001  (first: checks ffcv, keeps threads)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from torchvision.datasets import ImageFolder
-
-    from pipeline.convert.write_ffcv import run_ffcv_writer
 
     ds = ImageFolder(folder)
 
@@ -116,8 +116,6 @@ class TensorLoader:
         return len(self.labels) // (self.batch * self.world)
 
     def epoch_iter(self, epoch: int):
-        perm = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-        gb = self.batch * self.world
-        for b in range(len(self)):
-            idx = perm[b * gb:(b + 1) * gb][self.rank::self.world]
+        order = shard_indices(len(self.labels), self.batch, self.seed, epoch, self.rank, self.world)
+        for idx in torch.from_numpy(order).split(self.batch):
             yield Batch([self.images[idx]], self.labels[idx], idx, 1)

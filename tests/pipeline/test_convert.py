@@ -228,7 +228,7 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
     import signal
     import time
 
-    import pipeline.convert.write_ffcv as wf
+    import pipeline.load.ffcv_compat as compat
 
     handler = signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
     saved = signal.signal(signal.SIGINT, handler)
@@ -236,8 +236,8 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
     def dies(destination, value, malloc):
         os._exit(3)  # e.g. the OOM killer taking ffcv's writer process
 
-    monkeypatch.setattr(wf, "_encode_stored_jpeg", dies)
-    monkeypatch.setattr(wf, "WATCHDOG_GRACE_S", 0.5)
+    monkeypatch.setattr(compat, "_encode_stored_jpeg", dies)
+    monkeypatch.setattr(compat, "WATCHDOG_GRACE_S", 0.5)
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     other = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
     if sigint == "other-child":
@@ -262,7 +262,7 @@ def test_ffcv_writer_process_death_is_an_error_not_a_hang(good_tree, tmp_path, m
 def test_full_disk_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
     """A disk filling up under ffcv's writer process (seen in CI: the machine's disk is shared) must end the
     conversion with an error that names the output and the space left, and leave no partial output behind."""
-    import pipeline.convert.write_ffcv as wf
+    import pipeline.load.ffcv_compat as compat
 
     small = tmp_path / "small"
     small.mkdir()
@@ -275,7 +275,7 @@ def test_full_disk_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
             d = tmp_path / "src" / f"c{i % 2}"
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(d / f"{i}.jpg", quality=95)
-        monkeypatch.setattr(wf, "WATCHDOG_GRACE_S", 0.5)
+        monkeypatch.setattr(compat, "WATCHDOG_GRACE_S", 0.5)
         with pytest.raises((RuntimeError, OSError)) as err:
             convert(str(tmp_path / "src"), str(small / "x.beton"), workers=1, progress=False)
         assert str(small) in str(err.value) and ("MiB free" in str(err.value) or "No space" in str(err.value))

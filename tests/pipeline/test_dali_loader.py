@@ -14,7 +14,7 @@ pytest.importorskip("nvidia.dali")
 
 from pipeline.config import DataConfig, ViewConfig  # noqa: E402
 from pipeline.load.dali_loader import ShardIndex, build_dali_loader  # noqa: E402
-from pipeline.load.ffcv_loader import shard_indices  # noqa: E402
+from pipeline.load.order import shard_indices  # noqa: E402
 from runtime.config_loader import ConfigError  # noqa: E402
 from tests.pipeline.test_ffcv_loader import (  # noqa: E402
     N_IMAGES,

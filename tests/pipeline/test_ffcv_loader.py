@@ -17,7 +17,8 @@ from PIL import Image
 pytest.importorskip("ffcv")
 
 from pipeline.config import DataConfig, ViewConfig  # noqa: E402
-from pipeline.load.ffcv_loader import _quasi_random_order, build_ffcv_loader, shard_indices  # noqa: E402
+from pipeline.load.ffcv_loader import build_ffcv_loader  # noqa: E402
+from pipeline.load.order import shard_indices  # noqa: E402
 from runtime.config_loader import ConfigError  # noqa: E402
 from runtime.seeding import Stream, derive_seed  # noqa: E402
 
@@ -141,13 +142,6 @@ def test_sharding_two_ranks(betons):
     assert seen == [shard_indices(N_IMAGES, 5, 1, 4, r, 2).tolist() for r in range(2)]
 
 
-def test_order_matches_torchvision_loader():
-    tv = pytest.importorskip("pipeline.load.torchvision_loader")
-    for rank in range(2):
-        sampler = tv.EpochSampler(50, 4, 7, rank, 2)
-        assert shard_indices(50, 4, 7, 3, rank, 2).tolist() == sampler.indices(3)
-
-
 def _boxes_from_gradient(view: torch.Tensor):
     """Estimate crop width/height (source pixels) and flip from R (= x) and G (= y) of (B, 3, S, S) crops."""
     v = view.float() * (159 / 255)
@@ -204,19 +198,6 @@ def test_jit_off_matches_jit_on(betons, dino_loader):
     for (_, va, _, ia), (_, vb, _, ib) in zip(off, on, strict=True):
         assert torch.equal(ia, ib)
         assert all(torch.equal(x, y) for x, y in zip(va, vb))
-
-
-def test_quasi_random_order_is_page_local_and_sharded():
-    pages = np.repeat(np.arange(40), 25)  # 1000 samples on 40 pages
-    orders = [_quasi_random_order(pages, seed=0, epoch=2, batch_size=10, rank=r, world_size=2, batches=50)
-              for r in range(2)]
-    assert len(orders[0]) == len(orders[1]) == 500
-    assert not set(orders[0]) & set(orders[1]) and len(set(orders[0]) | set(orders[1])) == 1000
-    # window = ceil(8 * 10 * 2 / 25) = 7 pages: a global batch never mixes more than 2 windows of pages
-    assert max(len(set(pages[orders[0][i:i + 10]])) for i in range(0, 500, 10)) <= 14
-    again = _quasi_random_order(pages, seed=0, epoch=2, batch_size=10, rank=0, world_size=2, batches=50)
-    assert np.array_equal(orders[0], again)
-    assert not np.array_equal(orders[0], _quasi_random_order(pages, 0, 3, 10, 0, 2, 50))
 
 
 def test_quasi_random_loader_shards_with_process_cache(betons):
@@ -291,12 +272,12 @@ def test_resize_kernel_is_opencv_inter_area():
     """The docstrings promise INTER_AREA (antialiased when shrinking); check FFCV's C resize really is that."""
     import cv2
 
-    from pipeline.load.ffcv_decode import _resize_c
+    from pipeline.load.ffcv_compat import resize_c
 
     img = np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8)
     for s in (40, 200):  # shrink and enlarge
         out = np.zeros((s, s, 3), np.uint8)
-        _resize_c(0, img.ctypes.data, 100, 120, 10, 90, 5, 105, out.ctypes.data, s, s)
+        resize_c(0, img.ctypes.data, 100, 120, 10, 90, 5, 105, out.ctypes.data, s, s)
         assert np.array_equal(out, cv2.resize(img[10:90, 5:105], (s, s), interpolation=cv2.INTER_AREA))
 
 
