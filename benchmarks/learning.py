@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
     p.add_argument("--recipe", default="small", help="configs/exp/<method>_<recipe>.yaml (small, demo)")
-    p.add_argument("--data", choices=sorted(DATASETS), default="digits", help="labelled set, written under data/")
+    p.add_argument("--data", default="digits",
+                   help="digits or demo (the built-in sets, written under data/ when missing), or the root of any\n"
+                        "labelled ImageFolder with train/ and val/ splits")
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's check.epochs, else train.epochs")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's check.batch_size")
     p.add_argument("--out-dir", default="runs/learning", help="one fresh run folder per method below it")
@@ -139,11 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(recipe_path(m, args.recipe)):
             print(f"error: no recipe {recipe_path(m, args.recipe)} for method {m}", file=sys.stderr)
             return 2
-    root = DATASETS[args.data](os.path.join("data", args.data))
+    if args.data in DATASETS:
+        root = DATASETS[args.data](os.path.join("data", args.data))
+    elif all(os.path.isdir(os.path.join(args.data, split)) for split in ("train", "val")):
+        root = args.data
+    else:
+        print(f"error: --data {args.data!r} is neither {' nor '.join(sorted(DATASETS))} nor a folder with train/ and "
+              "val/ ImageFolder splits", file=sys.stderr)
+        return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     print(HEADER)
     for m in args.methods:
-        out_dir = os.path.join(args.out_dir, f"{m}_{args.recipe}_{args.data}_{stamp}")
+        out_dir = os.path.join(args.out_dir, f"{m}_{args.recipe}_{os.path.basename(os.path.normpath(root))}_{stamp}")
         cfg = learning_config(m, args.recipe, root, out_dir, args.epochs, args.batch_size, args.overrides)
         res = run_learning(cfg, f"{m}_{args.recipe}")
         print(res.row(), flush=True)

@@ -73,11 +73,14 @@ class CheckConfig:
     """The CI learning check of a recipe (``tests/methods/test_learning.py``, ``python -m benchmarks.learning``):
     a short run of this recipe on the real-image digits set must stay finite, keep the collapse guard silent and
     beat the random-init backbone's kNN@20 by ``min_knn_gain`` points (about half the gain measured with exactly
-    these settings). Training ignores this section."""
+    these settings), unless ``known_gap`` says why it does not yet. Training ignores this section."""
 
     epochs: int = bounded(0, ge=0)  # 0 = the recipe has no learning check
     batch_size: int = bounded(0, ge=0)  # 0 = data.batch_size
     min_knn_gain: float = bounded(0.0, ge=0)  # kNN@20 top-1 points over the random init
+    # Non-empty: the recipe is known not to beat the random init within the check's budget, and why (measured,
+    # docs/small_data.md). The check then asserts only a finite run, and reports the gap as an expected failure.
+    known_gap: str = ""
 
 
 @dataclass

@@ -110,3 +110,15 @@ def test_config_saved_before_the_augment_section_still_loads():
     cfg = config_from_dict(saved)
     assert (cfg.data.augment.jitter_impl, cfg.data.augment.cpu_impl) == ("fused", "torch")
     assert config_to_dict(cfg)["data"]["views"] == config_to_dict(load_config("dino"))["data"]["views"]
+
+
+def test_learning_run_config_points_the_recipe_at_the_data_in_fp32(tmp_path):
+    from benchmarks.learning import learning_config
+
+    cfg = learning_config("resa", "small", str(tmp_path), str(tmp_path / "run"), epochs=2, batch_size=32,
+                          overrides=["ssl.temperature=0.3"])
+    assert (cfg.train.epochs, cfg.data.batch_size, cfg.ssl.temperature, cfg.model.precision) == (2, 32, 0.3, "fp32")
+    assert cfg.data.train_path == f"{tmp_path}/train" and cfg.data.loader == "torchvision"
+    default = learning_config("resa", "small", str(tmp_path), str(tmp_path / "run"))
+    check = load_config("resa", ["configs/exp/resa_small.yaml"]).check
+    assert (default.train.epochs, default.data.batch_size) == (check.epochs, check.batch_size) != (0, 0)
