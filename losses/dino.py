@@ -74,14 +74,24 @@ class DINOLoss(CenteredLoss):
         self.centering = centering
         self.student_temp = student_temp
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """student_logits (S, B, K), teacher_logits (T, B, K) -> scalar. Uses the center from before this step."""
-        return self.loss_and_teacher_sum(student_logits, teacher_logits, teacher_temp)[0]
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float,
+                with_teacher_sum: bool = False):
+        """student_logits (S, B, K), teacher_logits (T, B, K) -> scalar loss (the center from before this step).
+
+        With ``with_teacher_sum``: (loss, the teacher logits' (K,) fp32 column sum where the fused kernel computed it
+        in its pass over them, else None); hand it to ``reduce_center_update`` so the logits are not read again.
+        """
+        loss, teacher_sum = self._loss_and_teacher_sum(student_logits, teacher_logits, teacher_temp)
+        return (loss, teacher_sum) if with_teacher_sum else loss
 
     def loss_and_teacher_sum(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                              teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The loss of ``forward`` and, where the fused kernel computed it in its pass over the teacher logits, their
-        (K,) fp32 column sum (else None); hand it to ``reduce_center_update`` so the logits are not read again."""
+        """``forward(..., with_teacher_sum=True)``, called through the module so that forward hooks (the benchmark's
+        loss timer) see it."""
+        return self(student_logits, teacher_logits, teacher_temp, with_teacher_sum=True)
+
+    def _loss_and_teacher_sum(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                              teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         if student_logits.shape[-1] != self.center.shape[0] or teacher_logits.shape[-1] != self.center.shape[0]:
             raise ValueError(f"logit width must be {self.center.shape[0]}, got {tuple(student_logits.shape)}, "
                              f"{tuple(teacher_logits.shape)}")
