@@ -53,7 +53,7 @@ class TrainConfig:
     stop_on_collapse: bool = False
     collapse_uniform_entropy: float = bounded(0.97, ge=0, le=1)  # uniform: mean per-sample teacher entropy >= this
     collapse_onehot_entropy: float = bounded(0.05, ge=0, lt=1)  # one-hot: entropy of the batch-mean output <= this
-    collapse_min_rank: float = bounded(2.0, ge=0)  # dimensional collapse: effective rank of the batch features <= this
+    collapse_min_rank: float = bounded(2.5, ge=0)  # dimensional collapse: effective rank of the batch features <= this
     collapse_min_std_ratio: float = bounded(0.02, ge=0, lt=1)  # constant output: per-dim std of unit features x sqrt(D)
 
 

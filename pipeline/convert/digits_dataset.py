@@ -10,8 +10,9 @@ each class (in sklearn's order) goes to ``val``, the rest to ``train`` (1,433 / 
 
 Why the random placement: centred, the scans are so regular that a random-init ResNet-18 already reaches ~94 %
 kNN@20 and a short SSL run can barely show a gain; at random scales and positions the random init reaches ~52 %, and
-what a method adds is the invariance to position and scale that its crops teach. Generation takes about a second; the folder is written
-atomically with a manifest by :func:`pipeline.convert.demo_dataset.write_image_folder` and reused while it is current.
+what a method adds is the invariance to position and scale that its crops teach. Generation takes about a second;
+the folder is written atomically with a manifest by :func:`pipeline.convert.demo_dataset.write_image_folder` and
+reused while it is current.
 """
 
 from __future__ import annotations
