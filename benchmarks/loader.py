@@ -154,11 +154,15 @@ def decode_ceiling(jpegs: list[bytes], processes: int, seconds: float) -> dict:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads) and its live children (DataLoader workers)."""
+    """User + system CPU time of this process (all threads), of its live children (DataLoader workers) and of the
+    children it has already reaped: a worker that exits between two readings keeps its time in the total, so the
+    total never decreases."""
     import psutil
 
-    total = 0.0
-    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for p in me.children(recursive=True):
         try:
             t = p.cpu_times()
             total += t.user + t.system
