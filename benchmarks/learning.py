@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import CONFIG_DIR, Config, load_config
-from engine.setup import seed_everything
 from engine.trainer import NonFiniteLossError, Trainer
-from evaluation.knn_eval import knn_of_backbone
-from methods import METHODS, build_method
+from evaluation.knn_eval import knn_of_backbone, random_init_backbone
+from methods import METHODS
 from pipeline.convert.demo_dataset import ensure_demo_dataset
 from pipeline.convert.digits_dataset import ensure_digits_dataset
 
@@ -89,8 +88,7 @@ def learning_config(method: str, recipe: str, root: str, out_dir: str, epochs: i
 
 def random_init_knn(cfg: Config) -> float:
     """kNN@20 top-1 of the method's evaluated backbone at initialisation, computed once per distinct init."""
-    seed_everything(cfg.train.seed)
-    backbone = build_method(cfg).backbone_for_eval("auto")
+    backbone = random_init_backbone(cfg)
     h = hashlib.sha1(f"{cfg.data.eval_size} {cfg.eval.train_dir} {cfg.eval.val_dir}".encode())
     for t in backbone.state_dict().values():
         h.update(t.detach().cpu().contiguous().numpy().tobytes())

@@ -65,6 +65,13 @@ def _features(frozen: FrozenBackbone, split, batch_size: int) -> dict[str, torch
     return {"x": x, "y": y}
 
 
+def random_init_backbone(cfg: Config, which: str = "auto") -> nn.Module:
+    """The backbone ``cfg``'s method evaluates (``which`` weights), as initialised from ``train.seed``: the baseline
+    a trained backbone has to beat."""
+    seed_everything(cfg.train.seed)
+    return build_method(cfg).backbone_for_eval(which)
+
+
 def knn_of_checkpoint(path: str, train_dir: str, val_dir: str, device: torch.device, which: str = "auto",
                       ks: tuple[int, ...] = (20,), temperature: float = 0.07, random_baseline: bool = False, *,
                       cache: FeatureCache | None = None, autocast_dtype: torch.dtype | None = None,
@@ -77,8 +84,7 @@ def knn_of_checkpoint(path: str, train_dir: str, val_dir: str, device: torch.dev
     result = {"pretrained": knn_of_backbone(backbone, cfg, train_dir, val_dir, device, ks, temperature, cache=cache,
                                             autocast_dtype=autocast_dtype)}
     if random_baseline:
-        seed_everything(cfg.train.seed)
-        rand = build_method(cfg).backbone_for_eval(which)
+        rand = random_init_backbone(cfg, which)
         result["random_init"] = knn_of_backbone(rand, cfg, train_dir, val_dir, device, ks, temperature,
                                                 autocast_dtype=autocast_dtype)
     return result
