@@ -165,7 +165,7 @@ def run_linear(args) -> dict:
     from engine.setup import autocast_dtype
     from evaluation.config import load_linear_config
     from evaluation.eval_loaders import build_eval_split, build_probe_train_loader, check_same_classes
-    from evaluation.knn_eval import frozen_for
+    from evaluation.knn_backbone import frozen_for
     from evaluation.load import load_backbone
     from evaluation.report import print_linear_summary
     from runtime import dist
@@ -244,7 +244,7 @@ def run_export(args) -> dict:
 def _frozen_from_args(args):
     """(checkpoint path, its Config, device, precision, frozen backbone) for ``--checkpoint/--weights/--device``."""
     from engine.setup import autocast_dtype
-    from evaluation.knn_eval import frozen_for
+    from evaluation.knn_backbone import frozen_for
     from evaluation.load import load_backbone
 
     path = resolve_checkpoint(args.checkpoint)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _final_knn(trainer) -> None:
     """kNN of the trained backbone on eval.train_dir / eval.val_dir, written to <out_dir>/knn.json."""
-    from evaluation.knn_eval import knn_of_backbone
+    from evaluation.knn_backbone import knn_of_backbone
     from runtime import dist
     from runtime.logging import log
 

@@ -22,7 +22,8 @@ import torch
 
 from engine.config import CONFIG_DIR, Config, load_config
 from engine.trainer import NonFiniteLossError, Trainer
-from evaluation.knn_eval import knn_of_backbone, random_init_backbone
+from evaluation.knn_backbone import knn_of_backbone
+from evaluation.knn_eval import random_init_backbone
 from methods import METHODS
 from pipeline.convert.demo_dataset import ensure_demo_dataset
 from pipeline.convert.digits_dataset import ensure_digits_dataset

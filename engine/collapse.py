@@ -131,7 +131,7 @@ class CollapseMonitor(PooledFeatureTap):
 class CollapseEvent:
     """A collapse criterion that held for ``patience`` consecutive log steps, from log step ``since`` to ``step``."""
 
-    kind: str  # "uniform", "one_hot", "dimensional" or "constant"
+    kind: str  # "uniform", "one_hot", "dimensional", "constant" or "information"
     step: int
     since: int
     value: float  # the statistic at ``step``
@@ -165,6 +165,14 @@ CRITERIA: dict[str, tuple[str, str, str, str]] = {
         "feat_std_ratio", "low",
         "the backbone features are nearly constant (per-dimension std of the unit features {v:.3f} x 1/sqrt(D))",
         "a lower optim.lr, a longer warm-up, a higher EMA momentum, a published recipe's teacher temperature"),
+    "information": (
+        "knn_gain", "low",
+        "the evaluated backbone's kNN on eval.val_dir is {v:+.1f} points against the same backbone at initialisation: "
+        "training is destroying information the random init had (train.knn_every)",
+        "a small-data recipe for small data (configs/exp/<method>_small.yaml), a lower optim.lr, stronger crops (a "
+        "lower views[].scale minimum), a longer run before judging an EMA teacher (it is mostly its initialisation "
+        "for the first 1/(1 - momentum) steps); on small real data the whitening methods (INTL, MV-MR) learned where "
+        "DINO, ReSA and CW-RGP did not (docs/small_data.md)"),
 }
 
 
@@ -185,10 +193,10 @@ class CollapseGuard:
     """
 
     def __init__(self, patience: int, uniform_entropy: float | None, onehot_entropy: float | None,
-                 min_rank: float | None, min_std_ratio: float | None, feat_dim: int):
+                 min_rank: float | None, min_std_ratio: float | None, feat_dim: int, knn_drop: float | None = None):
         self.patience = patience
         self.thresholds = {"uniform": uniform_entropy, "one_hot": onehot_entropy, "dimensional": min_rank,
-                           "constant": min_std_ratio}
+                           "constant": min_std_ratio, "information": None if knn_drop is None else -knn_drop}
         self.feat_dim = feat_dim
         self.streak: dict[str, tuple[int, int]] = {}  # kind -> (first log step of the streak, length)
         self.reported: set[str] = set()
@@ -198,21 +206,28 @@ class CollapseGuard:
         """From the ``train.collapse_*`` keys; a threshold of 0 switches its criterion off."""
         t = train_cfg
         return cls(t.collapse_patience, t.collapse_uniform_entropy or None, t.collapse_onehot_entropy or None,
-                   t.collapse_min_rank or None, t.collapse_min_std_ratio or None, feat_dim)
+                   t.collapse_min_rank or None, t.collapse_min_std_ratio or None, feat_dim, t.collapse_knn_drop or None)
 
-    def _holds(self, kind: str, values: dict[str, float]) -> tuple[bool, float]:
+    def _holds(self, kind: str, values: dict[str, float]) -> tuple[bool | None, float]:
+        """(whether the criterion holds, its statistic); None when ``values`` does not carry the statistic."""
         key, side = CRITERIA[kind][:2]
         if key == "feat_std_ratio" and "feat_std" in values:
             values = {**values, key: values["feat_std"] * math.sqrt(self.feat_dim)}
         thr, v = self.thresholds[kind], values.get(key)
-        if thr is None or v is None or not math.isfinite(v):
+        if v is None:
+            return None, float("nan")
+        if thr is None or not math.isfinite(v):
             return False, float("nan")
         return (v >= thr if side == "high" else v <= thr), v
 
     def observe(self, step: int, values: dict[str, float]) -> list[CollapseEvent]:
+        """Feed one row of statistics. A criterion whose statistic is missing from ``values`` keeps its streak (the
+        kNN gain arrives every ``train.knn_every`` epochs, between log rows that do not carry it)."""
         events = []
         for kind in CRITERIA:
             held, v = self._holds(kind, values)
+            if held is None:
+                continue
             if not held:
                 self.streak.pop(kind, None)
                 continue

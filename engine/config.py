@@ -55,6 +55,11 @@ class TrainConfig:
     collapse_onehot_entropy: float = bounded(0.05, ge=0, lt=1)  # one-hot: entropy of the batch-mean output <= this
     collapse_min_rank: float = bounded(2.5, ge=0)  # dimensional collapse: effective rank of the batch features <= this
     collapse_min_std_ratio: float = bounded(0.02, ge=0, lt=1)  # constant output: per-dim std of unit features x sqrt(D)
+    # information loss: kNN of the evaluated backbone this many points below its initialisation's (needs knn_every)
+    collapse_knn_drop: float = bounded(2.0, ge=0)
+    # epochs between kNN evaluations on eval.train_dir / eval.val_dir during training, logged as knn_top1 and
+    # knn_gain (points over the same backbone at initialisation, measured before the first step); 0 = off
+    knn_every: int = bounded(0, ge=0)
 
 
 @dataclass

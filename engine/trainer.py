@@ -23,6 +23,7 @@ from engine.collapse import (
     mean_over_ranks,
 )
 from engine.config import Config, config_to_dict
+from engine.knn_monitor import KnnMonitor
 from engine.online_probe import build_online_probe
 from engine.setup import autocast_ctx, make_augment, pick_device, resolve_precision, seed_everything
 from methods import StepContext, build_method
@@ -84,6 +85,8 @@ class Trainer:
                                                                        cfg.data.batch_size)
         self.probe = build_online_probe(cfg, self.method, self.device)  # None unless train.online_probe
         self.guard = CollapseGuard.from_config(cfg.train, feature_dim(self.method.student.backbone))
+        self.knn = KnnMonitor(cfg, lambda: self.method.backbone_for_eval(cfg.eval.features), self.device) \
+            if cfg.train.knn_every else None
         fp16 = cfg.model.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.state = TrainState()
@@ -111,6 +114,7 @@ class Trainer:
                 "config": config_to_dict(self.cfg),
                 "meta": {"method": self.cfg.method, "backbone": self.cfg.model.backbone, "format": 1},
                 **({"online_probe": self.probe.state_dict()} if self.probe is not None else {}),
+                **({"knn": self.knn.state_dict()} if self.knn is not None else {}),
             }, path)
             self.run.prune(self.cfg.train.keep_last)
         dist.barrier()
@@ -134,6 +138,8 @@ class Trainer:
             self.augment.load_state_dict(state["augment"])
         if self.probe is not None and "online_probe" in state:
             self.probe.load_state_dict(state["online_probe"])
+        if self.knn is not None and "knn" in state:
+            self.knn.load_state_dict(state["knn"])
         ckpt.set_rng_state(state["rng"])
         self.state.step = int(state["step"])
         log(f"[resume] {path} at step {self.state.step}")
@@ -184,6 +190,8 @@ class Trainer:
         cfg = self.cfg
         if self.metrics is None:
             raise RuntimeError("a Trainer built with measure_only=True has no claimed run directory; it cannot fit()")
+        if self.knn is not None and self.state.step == 0:
+            self.knn.measure_init()
         self.model.train()
         start_epoch = self.state.step // self.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not dist.is_main(), dynamic_ncols=True)
@@ -211,6 +219,8 @@ class Trainer:
             self._check_finite(finite)
             if self.probe is not None:
                 self._probe_val(bar)
+            if self.knn is not None and self.knn.due(epoch + 1):
+                self._knn_val(bar)
             self._save_unless_collapsing()
         bar.close()
         self.metrics.close()
@@ -263,6 +273,14 @@ class Trainer:
         self.state.history.append({"step": self.state.step, **values})
         self.metrics.write(self.state.step, values)
         bar.set_postfix(probe_val=f"{values['probe_val_top1']:.1f}%")
+
+    def _knn_val(self, bar) -> None:
+        """kNN of the evaluated backbone at an epoch end (``train.knn_every``), logged and fed to the guard."""
+        values = self.knn.evaluate()
+        self.state.history.append({"step": self.state.step, **values})
+        self.metrics.write(self.state.step, values)
+        bar.set_postfix(knn=f"{values['knn_top1']:.1f}%")
+        self._check_collapse(values)
 
     def _check_finite(self, finite: torch.Tensor) -> None:
         if not bool(finite):  # SYNC

@@ -14,6 +14,8 @@ import train as train_cli
 from engine.collapse import CollapseError, CollapseGuard, distribution_entropies
 from engine.config import load_config
 from engine.trainer import Trainer
+from evaluation.knn_backbone import knn_of_backbone
+from evaluation.knn_eval import random_init_backbone
 from runtime.checkpoint import list_checkpoints
 from runtime.config_loader import ConfigError
 from tests.conftest import TINY_OVERRIDES
@@ -47,11 +49,12 @@ def test_entropies_match_float64_formulas_and_the_collapse_extremes():
 
 
 def _guard(patience=3, **kw):
-    args = {"uniform_entropy": 0.97, "onehot_entropy": 0.05, "min_rank": 2.0, "min_std_ratio": 0.02, **kw}
+    args = {"uniform_entropy": 0.97, "onehot_entropy": 0.05, "min_rank": 2.0, "min_std_ratio": 0.02, "knn_drop": 2.0,
+            **kw}
     return CollapseGuard(patience, feat_dim=512, **args)
 
 
-HEALTHY = {"teacher_entropy": 0.6, "teacher_batch_entropy": 0.7, "feat_rank": 30.0, "feat_std": 0.02}
+HEALTHY = {"teacher_entropy": 0.6, "teacher_batch_entropy": 0.7, "feat_rank": 30.0, "feat_std": 0.02, "knn_gain": -1.5}
 
 
 @pytest.mark.parametrize(("kind", "bad"), [
@@ -59,6 +62,7 @@ HEALTHY = {"teacher_entropy": 0.6, "teacher_batch_entropy": 0.7, "feat_rank": 30
     ("one_hot", {"teacher_batch_entropy": 0.01}),
     ("dimensional", {"feat_rank": 1.3}),
     ("constant", {"feat_std": 1e-4 / math.sqrt(512)}),
+    ("information", {"knn_gain": -2.0}),
 ])
 def test_guard_trips_once_after_patience_with_the_right_kind(kind, bad):
     guard = _guard()
@@ -79,9 +83,21 @@ def test_guard_ignores_missing_and_disabled_statistics():
     assert guard.observe(3, {**HEALTHY, "feat_rank": float("nan")}) == []  # NaN is the finite-loss check's job
 
 
+def test_a_statistic_missing_from_a_row_keeps_its_streak():
+    # the kNN gain arrives at epoch ends, between log rows that do not carry it: those rows neither extend nor break
+    # its streak, while a row that carries a healthy value does break it
+    guard = _guard(patience=2)
+    rows = [{"knn_gain": -3.0}, {"feat_rank": 30.0}, {"knn_gain": 0.5}, {"knn_gain": -3.0}, {"feat_rank": 30.0},
+            {"knn_gain": -2.5}]
+    kinds = [[e.kind for e in guard.observe(step, row)] for step, row in enumerate(rows, start=1)]
+    assert kinds == [[], [], [], [], [], ["information"]]
+    assert guard.streak == {"information": (4, 2)}
+
+
 @pytest.mark.parametrize(("key", "value"), [("collapse_patience", 0), ("collapse_uniform_entropy", 1.5),
                                             ("collapse_onehot_entropy", 1.0), ("collapse_min_rank", -1),
-                                            ("collapse_min_std_ratio", -0.1)])
+                                            ("collapse_min_std_ratio", -0.1),
+                                            ("collapse_knn_drop", -1), ("knn_every", -1)])
 def test_bad_guard_settings_are_config_errors(key, value):
     with pytest.raises(ConfigError, match=f"train.{key}"):
         load_config("dino", [], [f"train.{key}={value}"])
@@ -153,3 +169,29 @@ def test_two_ranks_see_the_same_averaged_guard_statistics():
     r0, r1 = run_distributed(_mean_worker, 2)
     assert r0["feat_rank"] == r1["feat_rank"] == 12.0 and r0["teacher_entropy"] == r1["teacher_entropy"] == 0.75
     assert (r0["loss"], r1["loss"]) == (0.0, 1.0)  # only the guard's statistics are reduced
+
+
+@pytest.mark.slow
+def test_knn_every_logs_the_gain_over_the_init_and_reports_information_loss(tiny_folder, tmp_path, capsys):
+    # eval.features=student under a weight decay that wipes its conv weights (SGD, lr x wd = 1): its kNN on the tiny
+    # set falls below the same backbone's at initialisation, measured before step 0 and kept across a resume
+    extra = ("train.knn_every=1", "train.collapse_knn_drop=1", f"eval.train_dir={tiny_folder}/train",
+             f"eval.val_dir={tiny_folder}/val", "eval.features=student", "optim.lr=1", "optim.lr_scaling=none",
+             "optim.weight_decay=1", "optim.momentum=0", "optim.warmup_epochs=0", "optim.min_lr=1",
+             "optim.clip_grad=0", "train.steps_per_epoch=3")
+    first = Trainer(_tiny(tiny_folder, tmp_path, "train.epochs=1", *extra))
+    init = knn_of_backbone(random_init_backbone(first.cfg, "student"), first.cfg, f"{tiny_folder}/train",
+                           f"{tiny_folder}/val", torch.device("cpu"))["k20"]["top1"]
+    rows = [h for h in first.fit().history if "knn_top1" in h]
+    assert first.knn.init_top1 == pytest.approx(init)
+    assert [r["step"] for r in rows] == [3] and rows[0]["knn_gain"] == pytest.approx(rows[0]["knn_top1"] - init)
+    resumed = Trainer(_tiny(tiny_folder, tmp_path, "train.epochs=3", "train.resume=auto", *extra))
+    assert resumed.knn.init_top1 == pytest.approx(init)  # from the checkpoint, not measured again
+    rows += [h for h in resumed.fit().history if "knn_top1" in h]
+    assert [r["step"] for r in rows] == [3, 6, 9]
+    assert all(r["knn_gain"] <= -1 for r in rows), rows
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert text.count("[knn] at initialisation") == 1 and "information collapse" in text
+    # a resumed run's streaks start afresh (the wiped student also trips the dimensional criterion)
+    assert [(e["step"], e["since"]) for e in _events(tmp_path) if e["kind"] == "information"] == [(9, 6)]
