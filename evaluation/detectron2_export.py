@@ -49,11 +49,13 @@ def to_detectron2(sd: dict[str, torch.Tensor], what: str = "backbone") -> dict[s
 
 def export_detectron2(checkpoint: str, out: str, which: str = "auto") -> dict:
     """Write the evaluated backbone of a flashssl ``checkpoint`` to ``out`` (.pkl); returns a summary."""
+    from evaluation.export import require_imagenet_stem
     from evaluation.load import method_from_checkpoint
 
     if not out.endswith(".pkl"):
         raise ValueError(f"--out {out!r}: must end in .pkl (detectron2 reads non-detectron2 weights from .pkl)")
     method, cfg, _ = method_from_checkpoint(checkpoint)
+    require_imagenet_stem(cfg, checkpoint, "detectron2")
     backbone: nn.Module = method.backbone_for_eval(which)
     what = f"{checkpoint} (backbone {cfg.model.backbone})"
     sd = backbone.state_dict()

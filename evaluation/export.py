@@ -35,6 +35,7 @@ def export_backbone(checkpoint: str, out: str, which: str = "auto") -> dict:
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out {out!r}: must end in .safetensors (timm picks its loader by this suffix)")
     method, cfg, state = method_from_checkpoint(checkpoint)
+    require_imagenet_stem(cfg, checkpoint, "timm")
     backbone = method.backbone_for_eval(which)
     resolved = method.eval_weights if which == "auto" else which
     meta = {"architecture": cfg.model.backbone, "method": cfg.method, "weights": resolved,
@@ -42,6 +43,16 @@ def export_backbone(checkpoint: str, out: str, which: str = "auto") -> dict:
             "num_features": str(getattr(backbone, "num_features", "")), "format": "timm state_dict, num_classes=0"}
     save_backbone_file(backbone, out, meta)
     return meta
+
+
+def require_imagenet_stem(cfg, checkpoint: str, target: str) -> None:
+    """A backbone trained with ``model.stem=cifar`` has a 3x3 ``conv1`` and no max-pool, which no stock {target}
+    ResNet has: refuse rather than write a file that fails to load (or loads into the wrong stem)."""
+    if getattr(cfg.model, "stem", "imagenet") != "imagenet":
+        raise ValueError(f"{checkpoint}: trained with model.stem={cfg.model.stem} (3x3/1 conv1, no max-pool); a stock "
+                         f"{target} {cfg.model.backbone} has the ImageNet stem and cannot load it. Use the checkpoint "
+                         "with eval.py (knn, linear, probe), or build the model with "
+                         "models.backbone.build_backbone(ModelConfig(backbone=..., stem='cifar'))")
 
 
 def save_backbone_file(backbone: nn.Module, out: str, meta: dict[str, str]) -> None:
