@@ -1,12 +1,12 @@
 """kNN during training against the same backbone at initialisation (``train.knn_every``).
 
 A run can lose the information its random initialisation already had while every logged statistic looks healthy
-(issue #17: DINO on real digit scans ended 6 kNN points below its random init with an effective rank of 12 and a
-teacher entropy of 0.95, so no collapse criterion held). The monitor measures what the user cares about: weighted
-kNN of the evaluated backbone (``eval.features``) on ``eval.train_dir`` / ``eval.val_dir`` every ``knn_every``
-epochs, next to the value of the same backbone before the first step. The logged ``knn_gain`` (points over the
-initialisation) is one of the collapse guard's statistics: ``knn_gain <= -train.collapse_knn_drop`` for
-``train.collapse_patience`` consecutive kNN evaluations is reported as an "information" collapse.
+(DINO on real digit scans ended 6 kNN points below its random init with an effective rank of 12 and a teacher
+entropy of 0.95, so no collapse criterion held; docs/small_data.md). The monitor measures what the user cares
+about: weighted kNN of the evaluated backbone (``eval.features``) on ``eval.train_dir`` / ``eval.val_dir`` every
+``knn_every`` epochs, next to the value of the same backbone before the first step. The logged ``knn_gain``
+(points over the initialisation) is one of the collapse guard's statistics: ``knn_gain <= -train.collapse_knn_drop``
+for ``train.collapse_patience`` consecutive kNN evaluations is reported as an "information" collapse.
 """
 
 from __future__ import annotations
