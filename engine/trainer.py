@@ -190,8 +190,11 @@ class Trainer:
         cfg = self.cfg
         if self.metrics is None:
             raise RuntimeError("a Trainer built with measure_only=True has no claimed run directory; it cannot fit()")
-        if self.knn is not None and self.state.step == 0:
+        if self.knn is not None and self.state.step == 0:  # the kNN curve starts at the initialisation
             self.knn.measure_init()
+            values = {"knn_top1": self.knn.init_top1, "knn_gain": 0.0}
+            self.state.history.append({"step": 0, **values})
+            self.metrics.write(0, values)
         self.model.train()
         start_epoch = self.state.step // self.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not dist.is_main(), dynamic_ncols=True)

@@ -184,12 +184,14 @@ def test_knn_every_logs_the_gain_over_the_init_and_reports_information_loss(tiny
                            f"{tiny_folder}/val", torch.device("cpu"))["k20"]["top1"]
     rows = [h for h in first.fit().history if "knn_top1" in h]
     assert first.knn.init_top1 == pytest.approx(init)
-    assert [r["step"] for r in rows] == [3] and rows[0]["knn_gain"] == pytest.approx(rows[0]["knn_top1"] - init)
+    assert [r["step"] for r in rows] == [0, 3]
+    assert rows[0] == {"step": 0, "knn_top1": pytest.approx(init), "knn_gain": 0}
+    assert rows[1]["knn_gain"] == pytest.approx(rows[1]["knn_top1"] - init)
     resumed = Trainer(_tiny(tiny_folder, tmp_path, "train.epochs=3", "train.resume=auto", *extra))
     assert resumed.knn.init_top1 == pytest.approx(init)  # from the checkpoint, not measured again
     rows += [h for h in resumed.fit().history if "knn_top1" in h]
-    assert [r["step"] for r in rows] == [3, 6, 9]
-    assert all(r["knn_gain"] <= -1 for r in rows), rows
+    assert [r["step"] for r in rows] == [0, 3, 6, 9]
+    assert all(r["knn_gain"] <= -1 for r in rows[1:]), rows
     out = capsys.readouterr()
     text = out.out + out.err
     assert text.count("[knn] at initialisation") == 1 and "information collapse" in text
