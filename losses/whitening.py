@@ -78,21 +78,47 @@ def iternorm_whiten(x: torch.Tensor, iters: int = 4, axis: int = 0) -> torch.Ten
         return xc @ newton_schulz_isqrt(sigma, iters)
 
 
+class _ZcaIsqrt(torch.autograd.Function):
+    """``sigma^{-1/2}`` by ``eigh`` whose backward is the Daleckii-Krein formula of the matrix function.
+
+    For ``F = U f(L) U^T`` with ``f(l) = l^{-1/2}``, ``dF = U (K o (U^T dS U)) U^T`` with the divided differences
+    ``K_ij = (f(l_i) - f(l_j)) / (l_i - l_j) = -1 / (r_i r_j (r_i + r_j))``, ``r = sqrt(l)``, whose diagonal is
+    ``f'(l_i)``. Autograd through ``eigh`` differentiates the eigenvectors instead and divides by ``l_i - l_j``,
+    which is inf/NaN as soon as two eigenvalues coincide (a rank-deficient group of embeddings, shrunk by the ridge
+    to a repeated eigenvalue ``eps``); ``K`` is finite there. Where the eigenvalues are distinct both are the same
+    derivative. The returned gradient is the symmetric one (``sigma`` is symmetric by construction).
+    """
+
+    @staticmethod
+    def forward(ctx, sigma: torch.Tensor) -> torch.Tensor:
+        eig, u = torch.linalg.eigh(sigma)
+        ctx.save_for_backward(eig, u)
+        return (u * eig.rsqrt().unsqueeze(-2)) @ u.mT
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        eig, u = ctx.saved_tensors
+        r = eig.sqrt()
+        k = -1.0 / (r.unsqueeze(-1) * r.unsqueeze(-2) * (r.unsqueeze(-1) + r.unsqueeze(-2)))
+        sym = 0.5 * (grad + grad.mT)
+        return u @ (k * (u.mT @ sym @ u)) @ u.mT
+
+
 def zca_isqrt(sigma: torch.Tensor) -> torch.Tensor:
     """Exact ZCA whitening matrix ``U diag(lambda^{-1/2}) U^T`` of symmetric positive-definite ``sigma``.
 
     The official CW-RGP code uses ``torch.svd``; for a symmetric PSD matrix the SVD is the eigendecomposition, and
     because ``sigma`` is built as ``X X^T`` only the symmetric part of its gradient reaches ``X``, so ``eigh`` gives
-    the same values and gradients (faster and better conditioned). No eps: a singular ``sigma`` gives inf, as
-    upstream; callers must guarantee more channels per group than samples.
+    the same values and gradients. The backward is the closed form of the matrix function's derivative
+    (:class:`_ZcaIsqrt`), finite for repeated eigenvalues where differentiating ``eigh``/``svd`` gives NaN. No eps:
+    a singular ``sigma`` gives inf, as upstream; callers must guarantee more channels per group than samples.
 
     Args:
         sigma: (..., n, n) symmetric positive-definite.
     Returns:
         (..., n, n) symmetric ``sigma^{-1/2}``.
     """
-    eig, u = torch.linalg.eigh(sigma)
-    return (u * eig.rsqrt().unsqueeze(-2)) @ u.mT
+    return _ZcaIsqrt.apply(sigma)
 
 
 def group_channel_whiten(x: torch.Tensor, channel_perm: torch.Tensor, groups: int, eps: float = 0.0,
