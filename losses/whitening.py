@@ -98,10 +98,18 @@ class _ZcaIsqrt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         eig, u = ctx.saved_tensors
-        r = eig.sqrt()
-        k = -1.0 / (r.unsqueeze(-1) * r.unsqueeze(-2) * (r.unsqueeze(-1) + r.unsqueeze(-2)))
-        sym = 0.5 * (grad + grad.mT)
-        return u @ (k * (u.mT @ sym @ u)) @ u.mT
+        return zca_isqrt_adjoint(u, eig.sqrt(), grad)
+
+
+def zca_isqrt_adjoint(u: torch.Tensor, r: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dSigma (..., n, n) for ``W = Sigma^{-1/2} = U diag(1/r) U^T`` given dL/dW ``grad`` (..., n, n).
+
+    ``-U [(U^T sym(grad) U) / (r_i r_j (r_i + r_j))] U^T``: the divided differences of :class:`_ZcaIsqrt`, with no
+    ``1 / (l_i - l_j)`` term (also the fused kernel's adjoint, ``losses/kernels/whiten_compiled.py``).
+    """
+    sym = 0.5 * (grad + grad.mT)
+    kern = r.unsqueeze(-1) * r.unsqueeze(-2) * (r.unsqueeze(-1) + r.unsqueeze(-2))
+    return -(u @ ((u.mT @ sym @ u) / kern) @ u.mT)
 
 
 def zca_isqrt(sigma: torch.Tensor) -> torch.Tensor:

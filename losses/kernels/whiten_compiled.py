@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from losses.whitening import newton_schulz_isqrt
+from losses.whitening import newton_schulz_isqrt, zca_isqrt_adjoint
 
 
 def _centre_gram(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +50,7 @@ def _zca_forward(sigma: torch.Tensor, xg: torch.Tensor) -> tuple[torch.Tensor, t
 def _zca_adjoint(u: torch.Tensor, s: torch.Tensor, xg: torch.Tensor, gy: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, dL/dSigma) for W = Sigma^-1/2 given dL/dW = xg gy^T (closed-form adjoint, see module docstring)."""
-    g_w = xg @ gy.mT
-    g_w = 0.5 * (g_w + g_w.mT)
-    kern = s.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2))
-    g_sigma = -(u @ ((u.mT @ g_w @ u) / kern) @ u.mT)
+    g_sigma = zca_isqrt_adjoint(u, s, xg @ gy.mT)
     w = (u / s.unsqueeze(-2)) @ u.mT
     return w, g_sigma
 
