@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _final_knn(trainer) -> None:
     """kNN of the trained backbone on eval.train_dir / eval.val_dir, written to <out_dir>/knn.json."""
-    from evaluation.knn_backbone import knn_of_backbone
+    from engine.knn_monitor import knn_result
     from runtime import dist
     from runtime.logging import log
 
     cfg = trainer.cfg
-    backbone = trainer.method.backbone_for_eval(cfg.eval.features)
-    res = knn_of_backbone(backbone, cfg, cfg.eval.train_dir, cfg.eval.val_dir, trainer.device, (cfg.eval.knn_k,),
-                          cfg.eval.knn_t)
+    res = trainer.knn.result_at(trainer.state.step) if trainer.knn is not None else None  # train.knn_every's last
+    if res is None:
+        res = knn_result(cfg, trainer.method.backbone_for_eval(cfg.eval.features), trainer.device)
     if dist.is_main():
         with open(os.path.join(cfg.train.out_dir, "knn.json"), "w") as f:
             json.dump(res, f, indent=2)

@@ -171,8 +171,8 @@ CRITERIA: dict[str, tuple[str, str, str, str]] = {
         "training is destroying information the random init had (train.knn_every)",
         "a small-data recipe for small data (configs/exp/<method>_small.yaml), a lower optim.lr, stronger crops (a "
         "lower views[].scale minimum), a longer run before judging an EMA teacher (it is mostly its initialisation "
-        "for the first 1/(1 - momentum) steps); on small real data the whitening methods (INTL, MV-MR) learned where "
-        "DINO, ReSA and CW-RGP did not (docs/small_data.md)"),
+        "for the first 1/(1 - momentum) steps), local crops (DINO on small real data learned only with them; "
+        "docs/small_data.md)"),
 }
 
 

@@ -20,6 +20,13 @@ from evaluation.knn_backbone import knn_of_backbone
 from runtime.logging import log
 
 
+def knn_result(cfg, backbone: nn.Module, device: torch.device) -> dict:
+    """Weighted kNN@``eval.knn_k`` (temperature ``eval.knn_t``) of ``backbone`` on ``eval.train_dir`` /
+    ``eval.val_dir``: ``{'k20': {'top1': .., 'top5': ..}, 'seconds': ..}``. The backbone keeps its train/eval mode."""
+    e = cfg.eval
+    return knn_of_backbone(backbone, cfg, e.train_dir, e.val_dir, device, (e.knn_k,), e.knn_t)
+
+
 class KnnMonitor:
     """Weighted kNN@``eval.knn_k`` top-1 of ``backbone_fn()`` now and at initialisation.
 
@@ -36,26 +43,28 @@ class KnnMonitor:
         self.backbone_fn = backbone_fn
         self.device = device
         self.init_top1: float | None = None  # kNN of the backbone before the first step (kept in checkpoints)
+        self.last: tuple[int, dict] | None = None  # (step, full result) of the latest evaluation
 
-    def top1(self) -> float:
-        e = self.cfg.eval
-        backbone = self.backbone_fn()
-        was_training = backbone.training
-        res = knn_of_backbone(backbone, self.cfg, e.train_dir, e.val_dir, self.device, (e.knn_k,), e.knn_t)
-        backbone.train(was_training)
-        return float(res[f"k{e.knn_k}"]["top1"])
+    def top1(self, step: int) -> float:
+        res = knn_result(self.cfg, self.backbone_fn(), self.device)
+        self.last = (step, res)
+        return float(res[f"k{self.cfg.eval.knn_k}"]["top1"])
+
+    def result_at(self, step: int) -> dict | None:
+        """The full result of an evaluation made at ``step`` (the end-of-run kNN reuses it), else None."""
+        return self.last[1] if self.last is not None and self.last[0] == step else None
 
     def measure_init(self) -> None:
         """Measure the initialisation's kNN (before step 0 of a fresh run)."""
-        self.init_top1 = self.top1()
+        self.init_top1 = self.top1(0)
         log(f"[knn] at initialisation: kNN@{self.cfg.eval.knn_k} top-1 {self.init_top1:.2f} %")
 
     def due(self, epochs_done: int) -> bool:
         return self.every > 0 and epochs_done % self.every == 0
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """``{"knn_top1": .., "knn_gain": ..}`` (percent, points over the initialisation)."""
-        top1 = self.top1()
+        top1 = self.top1(step)
         out = {"knn_top1": top1}
         if self.init_top1 is not None:
             out["knn_gain"] = top1 - self.init_top1

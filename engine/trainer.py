@@ -192,9 +192,7 @@ class Trainer:
             raise RuntimeError("a Trainer built with measure_only=True has no claimed run directory; it cannot fit()")
         if self.knn is not None and self.state.step == 0:  # the kNN curve starts at the initialisation
             self.knn.measure_init()
-            values = {"knn_top1": self.knn.init_top1, "knn_gain": 0.0}
-            self.state.history.append({"step": 0, **values})
-            self.metrics.write(0, values)
+            self._record({"knn_top1": self.knn.init_top1, "knn_gain": 0.0})
         self.model.train()
         start_epoch = self.state.step // self.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not dist.is_main(), dynamic_ncols=True)
@@ -235,13 +233,17 @@ class Trainer:
         ips, wait = meter.read()
         values.update(images_per_s=ips, data_wait=wait, epoch=self.state.step / self.steps_per_epoch)
         meter.reset()
-        self.state.history.append({"step": self.state.step, **values})
-        self.metrics.write(self.state.step, values)
+        self._record(values)
         extra = {"rank": f"{values['feat_rank']:.1f}"} if "feat_rank" in values else {}
         if "probe_top1" in values:
             extra["probe"] = f"{values['probe_top1']:.1f}%"
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{ips:.0f}", **extra)
         self._check_collapse(values)
+
+    def _record(self, values: dict[str, float]) -> None:
+        """One row at the current step: in ``state.history`` and in ``metrics.jsonl`` (and TensorBoard)."""
+        self.state.history.append({"step": self.state.step, **values})
+        self.metrics.write(self.state.step, values)
 
     # ------------------------------------------------------------------ collapse guard
     def _check_collapse(self, values: dict[str, float]) -> None:
@@ -273,15 +275,13 @@ class Trainer:
         cfg = self.cfg
         values = self.probe.evaluate(self.method.student.backbone, cfg.eval.val_dir, cfg.data.eval_size, cfg.data.mean,
                                      cfg.data.std, cfg.eval.batch_size, cfg.data.workers, cfg.model.channels_last)
-        self.state.history.append({"step": self.state.step, **values})
-        self.metrics.write(self.state.step, values)
+        self._record(values)
         bar.set_postfix(probe_val=f"{values['probe_val_top1']:.1f}%")
 
     def _knn_val(self, bar) -> None:
         """kNN of the evaluated backbone at an epoch end (``train.knn_every``), logged and fed to the guard."""
-        values = self.knn.evaluate()
-        self.state.history.append({"step": self.state.step, **values})
-        self.metrics.write(self.state.step, values)
+        values = self.knn.evaluate(self.state.step)
+        self._record(values)
         bar.set_postfix(knn=f"{values['knn_top1']:.1f}%")
         self._check_collapse(values)
 

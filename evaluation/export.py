@@ -46,9 +46,9 @@ def export_backbone(checkpoint: str, out: str, which: str = "auto") -> dict:
 
 
 def require_imagenet_stem(cfg, checkpoint: str, target: str) -> None:
-    """A backbone trained with ``model.stem=cifar`` has a 3x3 ``conv1`` and no max-pool, which no stock {target}
-    ResNet has: refuse rather than write a file that fails to load (or loads into the wrong stem)."""
-    if getattr(cfg.model, "stem", "imagenet") != "imagenet":
+    """Refuse a backbone trained with ``model.stem=cifar`` (3x3 ``conv1``, no max-pool): no stock ResNet of
+    ``target`` (timm, detectron2) has that stem, so the written file would not load."""
+    if cfg.model.stem != "imagenet":
         raise ValueError(f"{checkpoint}: trained with model.stem={cfg.model.stem} (3x3/1 conv1, no max-pool); a stock "
                          f"{target} {cfg.model.backbone} has the ImageNet stem and cannot load it. Use the checkpoint "
                          "with eval.py (knn, linear, probe), or build the model with "

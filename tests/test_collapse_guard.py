@@ -172,7 +172,8 @@ def test_two_ranks_see_the_same_averaged_guard_statistics():
 
 
 @pytest.mark.slow
-def test_knn_every_logs_the_gain_over_the_init_and_reports_information_loss(tiny_folder, tmp_path, capsys):
+def test_knn_every_logs_the_gain_over_the_init_and_reports_information_loss(tiny_folder, tmp_path, capsys,
+                                                                         monkeypatch):
     # eval.features=student under a weight decay that wipes its conv weights (SGD, lr x wd = 1): its kNN on the tiny
     # set falls below the same backbone's at initialisation, measured before step 0 and kept across a resume
     extra = ("train.knn_every=1", "train.collapse_knn_drop=1", f"eval.train_dir={tiny_folder}/train",
@@ -195,5 +196,12 @@ def test_knn_every_logs_the_gain_over_the_init_and_reports_information_loss(tiny
     out = capsys.readouterr()
     text = out.out + out.err
     assert text.count("[knn] at initialisation") == 1 and "information collapse" in text
+    # the end-of-run kNN (knn.json) reuses the evaluation made at the last epoch instead of a second pass
+    import engine.knn_monitor as knn_monitor
+
+    monkeypatch.setattr(knn_monitor, "knn_of_backbone", lambda *a, **k: pytest.fail("second kNN pass at the end"))
+    train_cli._final_knn(resumed)
+    with open(tmp_path / "knn.json") as f:
+        assert json.load(f)["k20"]["top1"] == pytest.approx(rows[-1]["knn_top1"])
     # a resumed run's streaks start afresh (the wiped student also trips the dimensional criterion)
     assert [(e["step"], e["since"]) for e in _events(tmp_path) if e["kind"] == "information"] == [(9, 6)]
