@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import engine.knn_monitor as knn_monitor
 import train as train_cli
 from engine.collapse import CollapseError, CollapseGuard, distribution_entropies
 from engine.config import load_config
@@ -197,8 +198,6 @@ def test_knn_every_logs_the_gain_over_the_init_and_reports_information_loss(tiny
     text = out.out + out.err
     assert text.count("[knn] at initialisation") == 1 and "information collapse" in text
     # the end-of-run kNN (knn.json) reuses the evaluation made at the last epoch instead of a second pass
-    import engine.knn_monitor as knn_monitor
-
     monkeypatch.setattr(knn_monitor, "knn_of_backbone", lambda *a, **k: pytest.fail("second kNN pass at the end"))
     train_cli._final_knn(resumed)
     with open(tmp_path / "knn.json") as f:
